@@ -1,0 +1,124 @@
+"""Checkpoints of a run folder: one msgpack state and one JSON metadata file per epoch.
+
+``checkpoints/epoch_NNN.msgpack`` holds the train state (params, optimizer state, step, key), written
+atomically; ``checkpoints/epoch_NNN.json`` holds the model config, normalization, epoch, metrics and
+the sha256 of the msgpack, written atomically *after* it. The JSON is the commit marker: a checkpoint
+counts only when its JSON exists and the state's hash matches, so a process killed at any moment
+leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from flax import serialization
+
+from lenet_jax.io import atomic_write_bytes, atomic_write_json
+from lenet_jax.models import build_model, describe
+
+_NAME = re.compile(r"epoch_(\d+)\.json$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the requested model."""
+
+
+def save_checkpoint(run_dir: str | Path, state, metadata: dict[str, Any]) -> Path:
+    """Writes the state and metadata of epoch ``metadata["epoch"]``; returns the JSON path."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    epoch = int(metadata["epoch"])
+    payload = serialization.to_bytes(
+        {"params": state.params, "opt_state": state.opt_state, "step": state.step, "key": _key_data(state.key)}
+    )
+    state_path = atomic_write_bytes(ckpt_dir / f"epoch_{epoch:03d}.msgpack", payload)
+    meta = {**metadata, "state_file": state_path.name, "sha256": hashlib.sha256(payload).hexdigest()}
+    return atomic_write_json(ckpt_dir / f"epoch_{epoch:03d}.json", meta)
+
+
+def _key_data(key):
+    import jax
+
+    return jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], bytes] | None:
+    """``(metadata, state_bytes)`` of the newest intact checkpoint in ``run_dir``, or ``None``."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    metas = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.glob("epoch_*.json") if (m := _NAME.search(p.name))
+    )
+    for _, meta_path in reversed(metas):
+        try:
+            meta = json.loads(meta_path.read_text())
+            payload = (ckpt_dir / meta["state_file"]).read_bytes()
+        except (OSError, ValueError, KeyError):
+            continue
+        if hashlib.sha256(payload).hexdigest() == meta.get("sha256"):
+            return meta, payload
+    return None
+
+
+def restore_state(template, payload: bytes, metadata: dict[str, Any], expected_model: dict):
+    """Fills ``template`` (a fresh train state of ``expected_model``) from checkpoint bytes.
+
+    Raises:
+      CheckpointError: the checkpoint holds another architecture than ``expected_model``.
+    """
+    check_model(metadata, expected_model)
+    import jax
+
+    target = {
+        "params": template.params,
+        "opt_state": template.opt_state,
+        "step": template.step,
+        "key": _key_data(template.key),
+    }
+    try:
+        restored = serialization.from_bytes(target, payload)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint does not fit {describe(expected_model)}: {e}") from None
+    key = restored["key"]
+    if jax.dtypes.issubdtype(template.key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return template.replace(
+        params=restored["params"], opt_state=restored["opt_state"], step=restored["step"], key=key
+    )
+
+
+def check_model(metadata: dict[str, Any], expected_model: dict) -> None:
+    """Raises ``CheckpointError`` naming both models when the checkpoint's model differs."""
+    found = metadata.get("model")
+    if found != expected_model:
+        raise CheckpointError(
+            f"checkpoint holds {describe(found or {})} but {describe(expected_model)} was requested"
+        )
+
+
+def load_params(run_dir: str | Path):
+    """The model, params and metadata of the newest checkpoint in ``run_dir``, for inference.
+
+    Returns:
+      ``(model, params, metadata)``; ``params`` is the ``"params"`` collection.
+
+    Raises:
+      CheckpointError: no intact checkpoint in ``run_dir``.
+    """
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}")
+    meta, payload = found
+    model = build_model(meta["model"])
+    state = serialization.msgpack_restore(payload)
+    params = _as_jax(state["params"])
+    return model, params, meta
+
+
+def _as_jax(tree):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -1,0 +1,42 @@
+"""Shared helpers of the command-line scripts: argument types and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+
+
+def _number(kind, check, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+@contextlib.contextmanager
+def one_line_errors(parser: argparse.ArgumentParser):
+    """Turns the library's expected errors into ``prog: error: message`` and exit status 1."""
+    from lenet_jax.checkpoint import CheckpointError
+    from lenet_jax.data import DataError
+    from lenet_jax.train import TrainingDiverged
+
+    try:
+        yield
+    except (ValueError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")

@@ -1,0 +1,168 @@
+"""Flax Linen models built from a discoverable layer sequence (see ``lenet_jax.layers``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lenet_jax.layers import (
+    Activation,
+    AvgPool,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    MaxPool,
+)
+
+
+class ParamLayer(nn.Module):
+    """A conv or dense layer as a Linen submodule: ``kernel``/``bias`` params, ``spec.apply``."""
+
+    spec: Conv | Dense
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        if isinstance(self.spec, Conv):
+            kernel_shape = (*self.spec.kernel_size, x.shape[-1], self.spec.features)
+        else:
+            kernel_shape = (x.shape[-1], self.spec.features)
+        params = {
+            "kernel": self.param("kernel", self.kernel_init, kernel_shape, jnp.float32),
+            "bias": self.param("bias", nn.initializers.zeros, (self.spec.features,), jnp.float32),
+        }
+        return self.spec.apply(params, x)
+
+
+class SequentialModel(nn.Module):
+    """A Linen module whose forward pass is its ``layers`` sequence, applied in order.
+
+    Subclasses define ``layers`` (a tuple of ``lenet_jax.layers`` descriptions) and ``input_shape``.
+    Conv and dense layers become ``ParamLayer`` submodules named after the layer, with the standard
+    ``kernel``/``bias`` parameters (the layouts of ``nn.Conv``/``nn.Dense``); every layer computes
+    with its pure ``apply``, so ``lenet_jax.layers.forward`` equals ``model.apply`` exactly.
+    """
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one input."""
+        raise NotImplementedError
+
+    def kernel_init(self):
+        return nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        """Maps ``[B, H, W, C]`` inputs to ``[B, num_classes]`` logits.
+
+        Args:
+          x: normalized NHWC inputs.
+          train: enables dropout (needs a ``"dropout"`` PRNG key in ``apply``).
+        """
+        for layer in self.layers:
+            if layer.has_params:
+                x = ParamLayer(layer, self.kernel_init(), name=layer.name)(x)
+            elif isinstance(layer, Dropout):
+                x = nn.Dropout(layer.rate, deterministic=not train, name=layer.name)(x)
+            else:
+                x = layer.apply(None, x)
+        return x
+
+
+class LeNet5(SequentialModel):
+    """LeNet-5 (LeCun et al., 1998) on 32x32 single-channel inputs: 61,706 parameters.
+
+    conv1 6@5x5 -> tanh -> avg-pool 2 -> conv2 16@5x5 -> tanh -> avg-pool 2 -> flatten ->
+    fc1 120 -> tanh -> fc2 84 -> tanh -> fc3 10. Kernels use Xavier (Glorot) uniform init, suited
+    to tanh; biases start at zero.
+
+    Attributes:
+      activation: ``"tanh"`` (faithful) or ``"relu"``.
+      pool: ``"avg"`` (faithful) or ``"max"``.
+      num_classes: size of the output layer.
+    """
+
+    activation: str = "tanh"
+    pool: str = "avg"
+    num_classes: int = 10
+
+    def __post_init__(self):
+        if self.pool not in ("avg", "max"):
+            raise ValueError(f"unknown pool {self.pool!r}; choose 'avg' or 'max'")
+        super().__post_init__()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (32, 32, 1)
+
+    def kernel_init(self):
+        return nn.initializers.xavier_uniform()
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        act, pool = self.activation, AvgPool if self.pool == "avg" else MaxPool
+        return (
+            Conv("conv1", 6, (5, 5)),
+            Activation("act1", act),
+            pool("pool1", 2),
+            Conv("conv2", 16, (5, 5)),
+            Activation("act2", act),
+            pool("pool2", 2),
+            Flatten("flatten"),
+            Dense("fc1", 120),
+            Activation("act3", act),
+            Dense("fc2", 84),
+            Activation("act4", act),
+            Dense("fc3", self.num_classes),
+        )
+
+
+MODELS: dict[str, type[SequentialModel]] = {"lenet5": LeNet5}
+
+
+def model_config(model: SequentialModel) -> dict[str, Any]:
+    """The JSON-able description of ``model``: its registry name and its attributes."""
+    names = {cls: name for name, cls in MODELS.items()}
+    if type(model) not in names:
+        raise ValueError(f"{type(model).__name__} is not in the model registry {sorted(MODELS)}")
+    fields = {
+        f.name: getattr(model, f.name)
+        for f in dataclasses.fields(model)
+        if f.name not in ("parent", "name")
+    }
+    return {"name": names[type(model)], **fields}
+
+
+def build_model(config: dict[str, Any]) -> SequentialModel:
+    """Builds a model from ``model_config`` output."""
+    config = dict(config)
+    name = config.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**config)
+
+
+def describe(config: dict[str, Any]) -> str:
+    """``lenet5(activation='tanh', pool='avg', num_classes=10)`` for a model config."""
+    args = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "name")
+    return f"{config.get('name')}({args})"
+
+
+def init_params(model: SequentialModel, key: jax.Array):
+    """The ``"params"`` collection of a freshly initialized ``model``."""
+    return model.init(key, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
+
+
+def count_params(params) -> int:
+    """Total number of scalars in a parameter tree."""
+    return sum(p.size for p in jax.tree_util.tree_leaves(params))
