@@ -42,7 +42,11 @@ class Conv:
                 padding=self.padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
-        return y + params["bias"].astype(x_BHWC.dtype)
+        return _add_bias(y, params["bias"])
+
+
+def _add_bias(y, bias):
+    return y + bias.astype(y.dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
 def _conv_im2col(x_BHWC, kernel_HWIO):
@@ -69,7 +73,7 @@ class Dense:
     has_params = True
 
     def apply(self, params, x_BD):
-        return x_BD @ params["kernel"].astype(x_BD.dtype) + params["bias"].astype(x_BD.dtype)
+        return _add_bias(x_BD @ params["kernel"].astype(x_BD.dtype), params["bias"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,8 +153,8 @@ def build_model(config: dict[str, Any]) -> SequentialModel:
 
 
 def describe(config: dict[str, Any]) -> str:
-    """``lenet5(activation='tanh', pool='avg', num_classes=10)`` for a model config."""
-    args = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "name")
+    """``lenet5(activation='tanh', num_classes=10, pool='avg')`` for a model config."""
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(config.items()) if k != "name")
     return f"{config.get('name')}({args})"
 
 

