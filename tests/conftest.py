@@ -45,3 +45,16 @@ def x64_batch():
     """Eight normalized 32x32 inputs in float64 (random pixels in [0, 1])."""
     pixels = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 1))
     return jnp.asarray((pixels - 0.1307) / 0.3081, jnp.float64)
+
+
+def require(module: str):
+    """Imports a cross-check peer; skips without it, except in CI (``CI`` set), where it fails."""
+    import importlib
+    import os
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is required in CI (pip install -e '.[peers]'): {e}")
+        pytest.skip(f"{module} not installed (pip install -e '.[peers]')")

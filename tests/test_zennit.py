@@ -1,0 +1,68 @@
+"""Cross-check of every built-in composite against zennit on a torch twin with the same weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_params, require
+
+from lenet_jax.data import normalized_range
+from lenet_jax.explain import COMPOSITES, lrp
+from lenet_jax.models import LeNet5
+from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
+
+torch = require("torch")
+require("zennit")
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.composites import COMPOSITES as ZENNIT_COMPOSITES  # noqa: E402
+from zennit.composites import LayerMapComposite, layer_map_base  # noqa: E402
+from zennit.rules import Epsilon  # noqa: E402
+from zennit.types import Convolution  # noqa: E402
+
+
+def zennit_composite(name, x_nchw):
+    if name == "epsilon":  # zennit has no all-epsilon composite; this is its spelling of one
+        return LayerMapComposite(
+            layer_map=layer_map_base() + [(Convolution, Epsilon()), (torch.nn.Linear, Epsilon())]
+        )
+    if name == "epsilon_gamma_box":
+        lo, hi = normalized_range()
+        return ZENNIT_COMPOSITES[name](low=torch.full_like(x_nchw, lo), high=torch.full_like(x_nchw, hi))
+    return ZENNIT_COMPOSITES[name]()
+
+
+def zennit_lrp(model, params, x, target, composite):
+    twin = torch_twin(model, params)
+    xt = torch.tensor(to_nchw(x)).requires_grad_(True)
+    logits = twin(xt).detach()
+    seed = torch.nn.functional.one_hot(torch.tensor(np.asarray(target)), 10).to(logits) * logits
+    with Gradient(model=twin, composite=zennit_composite(composite, xt)) as attributor:
+        _, relevance = attributor(xt, seed)
+    return to_nhwc(relevance.numpy())
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("variant", [("tanh", "avg"), ("relu", "max")])
+def test_lrp_equals_zennit(composite, seed, variant):
+    model = LeNet5(activation=variant[0], pool=variant[1])
+    params = random_params(model, seed=seed)
+    pixels = np.random.default_rng(seed).uniform(0, 1, (6, 32, 32, 1))
+    x = jnp.asarray((pixels - 0.1307) / 0.3081)
+    logits = model.apply({"params": params}, x)
+    for target in (jnp.argmax(logits, 1), jnp.array([0, 1, 2, 3, 4, 9])):
+        ours = np.asarray(lrp(model, params, x, target, composite=composite))
+        ref = zennit_lrp(model, params, np.asarray(x), target, composite)
+        assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), composite
+        assert np.abs(ref).max() > 0
+
+
+@pytest.mark.peers
+def test_twin_computes_the_same_logits():
+    model = LeNet5()
+    params = random_params(model)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 1), jnp.float64)
+    twin = torch_twin(model, params)
+    out = twin(torch.tensor(to_nchw(x))).detach().numpy()
+    np.testing.assert_allclose(out, model.apply({"params": params}, x), rtol=1e-12, atol=1e-12)
