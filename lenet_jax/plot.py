@@ -93,3 +93,94 @@ def digit_grid(images, titles: Sequence[str], colors: Sequence[str] | None = Non
         fig.suptitle(suptitle)
     fig.tight_layout()
     return fig
+
+
+def _show_heat(ax, pixels, heat, signed: bool):
+    """A heatmap on ``ax``: signed -> red/blue around 0; otherwise a sequential map over the digit."""
+    if signed:
+        lim = float(np.abs(heat).max()) or 1.0
+        ax.imshow(heat, cmap="bwr", vmin=-lim, vmax=lim)
+        ax.contour(pixels, levels=[0.5], colors="k", linewidths=0.3, alpha=0.4)
+    else:
+        ax.imshow(pixels, cmap="gray_r")
+        top = float(heat.max()) or 1.0
+        ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0.0, vmax=top)
+    ax.axis("off")
+
+
+def heatmap_pairs(pixels, heatmaps, titles: Sequence[str], signed: bool = True, ncols: int = 4,
+                  suptitle: str | None = None):
+    """Digit and heatmap side by side for each image, ``ncols`` pairs per row.
+
+    Args:
+      pixels: ``[N, H, W]`` in [0, 1].
+      heatmaps: ``[N, H, W]``; signed maps use a colour scale symmetric around 0 (red > 0 > blue).
+      titles: one per image (shown over the heatmap).
+    """
+    n = len(pixels)
+    nrows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(nrows, 2 * ncols, figsize=(2.4 * ncols, 1.35 * nrows + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        a_img, a_heat = axes[i // ncols, 2 * (i % ncols)], axes[i // ncols, 2 * (i % ncols) + 1]
+        a_img.imshow(pixels[i], cmap="gray_r")
+        _show_heat(a_heat, pixels[i], heatmaps[i], signed)
+        a_heat.set_title(titles[i], fontsize=6.5)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def method_comparison(pixels, maps: dict, signed: dict, row_titles: Sequence[str]):
+    """Rows = images, columns = the input and each method's map (the seed-001 comparison).
+
+    Args:
+      pixels: ``[N, H, W]`` in [0, 1].
+      maps: method name -> ``[N, H, W]``.
+      signed: method name -> whether its map is signed.
+      row_titles: one per image (true/predicted label and confidence).
+    """
+    n, m = len(pixels), len(maps)
+    fig, axes = plt.subplots(n, m + 1, figsize=(1.45 * (m + 1), 1.5 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(pixels[i], cmap="gray_r")
+        axes[i, 0].set_title(row_titles[i], fontsize=6.5,
+                             color="red" if "✗" in row_titles[i] else "black")
+        axes[i, 0].axis("off")
+        for j, (name, heat) in enumerate(maps.items(), start=1):
+            _show_heat(axes[i, j], pixels[i], heat[i], signed[name])
+            if i == 0:
+                axes[i, j].set_title(name.replace("_", " "), fontsize=7.5)
+    fig.tight_layout()
+    return fig
+
+
+def feature_map_relevance(relevance_hwk, pixels, title: str = ""):
+    """The relevance of each feature map of a layer for one image, ranked by its total.
+
+    Args:
+      relevance_hwk: ``[h, w, K]`` relevance at the layer's output.
+      pixels: ``[H, W]`` the digit, shown first.
+    """
+    k = relevance_hwk.shape[-1]
+    totals = relevance_hwk.sum(axis=(0, 1))
+    order = np.argsort(-totals)
+    ncols = min(8, k + 1)
+    nrows = -(-(k + 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 1.55 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(pixels, cmap="gray_r")
+    axes[0, 0].set_title("input", fontsize=7)
+    lim = float(np.abs(relevance_hwk).max()) or 1.0
+    for slot, ch in enumerate(order, start=1):
+        ax = axes[slot // ncols, slot % ncols]
+        ax.imshow(relevance_hwk[..., ch], cmap="bwr", vmin=-lim, vmax=lim)
+        ax.set_title(f"map {ch}: {totals[ch]:+.2f}", fontsize=6.5)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

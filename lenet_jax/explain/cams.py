@@ -1,0 +1,129 @@
+"""Class activation maps on a named conv layer: Grad-CAM and Score-CAM.
+
+Both return ``[B, H, W]`` maps upsampled bilinearly to the input (``upsample=False`` gives the layer's
+resolution). The layer's *output* is used (for a conv layer: before its activation), as
+pytorch-grad-cam does with a conv module as target layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lenet_jax.explain._common import check_input, logits_of, resolve_target
+from lenet_jax.layers import Layer
+
+
+def _split(layers: tuple[Layer, ...], name: str | None):
+    """``(index, layer)`` of the named layer (default: the last conv)."""
+    convs = [i for i, l in enumerate(layers) if l.kind == "conv"]
+    if name is None:
+        if not convs:
+            raise ValueError("the model has no conv layer for a CAM")
+        return convs[-1]
+    names = [l.name for l in layers]
+    if name not in names or layers[names.index(name)].kind != "conv":
+        raise ValueError(f"unknown conv layer {name!r}; choose one of {[names[i] for i in convs]}")
+    return names.index(name)
+
+
+def _run(layers, params, x, start, stop):
+    for layer in layers[start:stop]:
+        x = layer.apply(params[layer.name] if layer.has_params else None, x)
+    return x
+
+
+def layer_activations(model, params, x, layer: str | None = None):
+    """``(A, head)``: the named layer's output ``[B, h, w, K]`` and ``A -> logits``."""
+    layers = model.layers
+    i = _split(layers, layer)
+    acts = _run(layers, params, x, 0, i + 1)
+    return acts, lambda a: _run(layers, params, a, i + 1, len(layers))
+
+
+def _upsample(cam_Bhw, size):
+    return jax.image.resize(cam_Bhw, (cam_Bhw.shape[0], *size), method="bilinear")
+
+
+def _normalize(cam_BHW):
+    lo = cam_BHW.min(axis=(1, 2), keepdims=True)
+    hi = cam_BHW.max(axis=(1, 2), keepdims=True)
+    return jnp.where(hi > lo, (cam_BHW - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+
+
+def grad_cam(
+    model, params, x, target=None, *, layer: str | None = None, upsample: bool = True,
+    normalize: bool = False,
+):
+    """Grad-CAM (Selvaraju et al., 2017): ``ReLU(Σ_k α_k A^k)``, ``α_k`` = spatial mean of
+    ``∂ logit[target] / ∂A^k``.
+
+    Args:
+      layer: name of a conv layer (default: the last one).
+      upsample: resize bilinearly to the input's ``H x W``.
+      normalize: scale each map to [0, 1] (all-zero maps stay zero).
+
+    Returns:
+      ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
+    """
+    check_input(model, x)
+    t = resolve_target(target, logits_of(model, params, x))
+    acts, head = layer_activations(model, params, x, layer)
+    score = lambda a: jnp.sum(jnp.take_along_axis(head(a), t[:, None], 1))  # noqa: E731
+    grads = jax.grad(score)(acts)
+    alpha = grads.mean(axis=(1, 2))  # [B, K]
+    cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", acts, alpha))
+    if upsample:
+        cam = _upsample(cam, x.shape[1:3])
+    return _normalize(cam) if normalize else cam
+
+
+def score_cam(
+    model, params, x, target=None, *, layer: str | None = None, upsample: bool = True,
+    normalize: bool = False, baseline_subtract: bool = False, batch_size: int | None = None,
+):
+    """Score-CAM (Wang et al., 2020): each channel's upsampled, min-max-normalized activation masks
+    the input; the target logits of the masked inputs, softmaxed over channels, weight the channels.
+
+    The default follows pytorch-grad-cam (masks multiply the *normalized* input; weights =
+    ``softmax_k(logit_target(x ⊙ H_k))``; ``ReLU`` of the weighted sum of activations). With
+    ``baseline_subtract`` the weights are the paper's increase of confidence,
+    ``p_target(x ⊙ H_k) − p_target(0)``, where ``0`` is the all-masked input (no softmax over channels).
+    A constant channel gets a zero mask (the division is guarded).
+
+    Args:
+      layer: name of a conv layer (default: the last one).
+      upsample, normalize: as ``grad_cam``.
+      baseline_subtract: the paper's weights instead of pytorch-grad-cam's.
+      batch_size: images per chunk (``lax.map``); all K masked copies of an image run in one pass.
+
+    Returns:
+      ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
+    """
+    from lenet_jax.explain.gradients import _chunked_map
+
+    check_input(model, x)
+    t = resolve_target(target, logits_of(model, params, x))
+    index = _split(model.layers, layer)
+    hw = x.shape[1:3]
+
+    def one_image(args):
+        xi, ti = args
+        acts = _run(model.layers, params, xi[None], 0, index + 1)[0]  # [h, w, K]
+        up = jax.image.resize(acts, (*hw, acts.shape[-1]), method="bilinear")
+        lo, hi = up.min(axis=(0, 1)), up.max(axis=(0, 1))
+        span = hi - lo
+        masks = jnp.where(span > 0, (up - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+        masked = xi[None] * jnp.moveaxis(masks, -1, 0)[..., None]  # [K, H, W, C]
+        logits = logits_of(model, params, masked)
+        if baseline_subtract:
+            base = jax.nn.softmax(logits_of(model, params, jnp.zeros_like(xi)[None]))[0, ti]
+            weights = jax.nn.softmax(logits)[:, ti] - base
+        else:
+            weights = jax.nn.softmax(logits[:, ti])
+        return jax.nn.relu(jnp.einsum("hwk,k->hw", acts, weights))
+
+    cam = _chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), batch_size)
+    if upsample:
+        cam = _upsample(cam, hw)
+    return _normalize(cam) if normalize else cam
