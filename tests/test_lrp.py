@@ -244,3 +244,10 @@ class TestJitAndBatching(chex.TestCase):
         np.testing.assert_allclose(batched, single, rtol=1e-10, atol=1e-14)
         vmapped = jax.vmap(lambda xi, ti: f(params, xi[None], ti[None])[0])(x, target)
         np.testing.assert_allclose(vmapped, batched, rtol=1e-10, atol=1e-14)
+
+
+def test_chunked_lrp_equals_one_batch(x64_batch, lenet):
+    params = random_params(lenet)
+    whole = lrp(lenet, params, x64_batch, composite="epsilon_alpha2_beta1")
+    chunked = lrp(lenet, params, x64_batch, composite="epsilon_alpha2_beta1", batch_size=3)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-15)

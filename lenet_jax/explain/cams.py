@@ -111,7 +111,7 @@ def score_cam(
         xi, ti = args
         acts = _run(model.layers, params, xi[None], 0, index + 1)[0]  # [h, w, K]
         up = jax.image.resize(acts, (*hw, acts.shape[-1]), method="bilinear")
-        lo, hi = up.min(axis=(0, 1)), up.max(axis=(0, 1))
+        lo, hi = up.min(axis=(0, 1), keepdims=True), up.max(axis=(0, 1), keepdims=True)
         span = hi - lo
         masks = jnp.where(span > 0, (up - lo) / jnp.where(span > 0, span, 1.0), 0.0)
         masked = xi[None] * jnp.moveaxis(masks, -1, 0)[..., None]  # [K, H, W, C]

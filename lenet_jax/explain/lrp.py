@@ -173,6 +173,7 @@ def lrp(
     low=None,
     high=None,
     stabilizer: float = 1e-6,
+    batch_size: int | None = None,
 ):
     """Layer-wise Relevance Propagation (Bach et al., 2015) with zennit's rules and composites.
 
@@ -190,15 +191,23 @@ def lrp(
       low, high: input bounds of the zB rule, scalars or ``[H, W, C]``; default the normalized
         values of a black and a white pixel.
       stabilizer: the denominator stabilizer of the other rules.
+      batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
 
     Returns:
       Relevance ``[B, H, W, C]``. The output relevance is ``one_hot(target) * logit``, so with
       ε → 0 and zero biases the relevance of each sample sums to its target logit.
     """
-    return lrp_layerwise(
-        model, params, x, target, composite=composite, epsilon=epsilon, gamma=gamma, low=low,
-        high=high, stabilizer=stabilizer,
-    )["input"]
+    from lenet_jax.explain.gradients import _chunked_map
+
+    check_input(model, x)
+    t = resolve_target(target, forward(model.layers, params, x)[0]) if batch_size else target
+    kwargs = dict(composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high,
+                  stabilizer=stabilizer)
+    if not batch_size:
+        return lrp_layerwise(model, params, x, t, **kwargs)["input"]
+    return _chunked_map(
+        lambda a: lrp_layerwise(model, params, a[0], a[1], **kwargs)["input"], (x, t), batch_size
+    )
 
 
 def conservation(relevances: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

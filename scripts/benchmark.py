@@ -1,0 +1,232 @@
+"""Benchmarks with their peers, side by side: ``python scripts/benchmark.py [--only train,explain]``.
+
+Times are medians of ``--repeats`` runs after a separate first (compiling) run, each ended by
+``block_until_ready``. Writes JSON and a Markdown table (``--out``, default ``docs/benchmark``).
+The PyTorch/zennit peers run when the ``peers`` extra is installed, on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lenet_jax import cli, explain  # noqa: E402
+from lenet_jax.data import load_mnist, preprocess  # noqa: E402
+from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.train import (  # noqa: E402
+    TrainConfig,
+    create_train_state,
+    make_optimizer,
+    train_epoch,
+)
+
+
+def timeit(fn, repeats):
+    """``(first_seconds, median_seconds, all)``: the first call (compile) apart from the rest."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), times
+
+
+def bench_train(images, labels, repeats, batch_size):
+    model = LeNet5()
+    config = TrainConfig(batch_size=batch_size)
+    steps = -(-images.shape[0] // batch_size)
+    state = create_train_state(model, init_params(model, jax.random.key(0)),
+                               make_optimizer(config, steps), jax.random.key(1))
+    fns, box, epoch = {}, [state], [0]
+
+    def run():
+        epoch[0] += 1
+        box[0], sums = train_epoch(box[0], images, labels, epoch=epoch[0], data_key=jax.random.key(2),
+                                   batch_size=batch_size, fns=fns)
+        return box[0].params, sums
+
+    first, median, times = timeit(run, repeats)
+    return {"name": f"JAX epoch, batch {batch_size}", "first_s": first, "median_s": median,
+            "times": times}
+
+
+def bench_torch_train(images, labels, repeats, batch_size):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.Tanh(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.Tanh(), nn.Linear(120, 84),
+        nn.Tanh(), nn.Linear(84, 10),
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.tensor(np.asarray(preprocess(images))).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(np.asarray(labels)).long()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def run():
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(net(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        return None
+
+    first, median, times = timeit(run, repeats)
+    return {"name": f"PyTorch peer (preloaded tensors), batch {batch_size}", "first_s": first,
+            "median_s": median, "times": times, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+# method -> options for the whole-test-set call (chunking bounds the memory of the heavy ones)
+EXPLAIN_OPTIONS = {
+    "lrp": {"composite": "epsilon_plus_flat", "batch_size": 1000},
+    "saliency": {},
+    "gradient_x_input": {},
+    "smoothgrad": {"n_samples": 50, "batch_size": 500},
+    "integrated_gradients": {"n_steps": 50, "batch_size": 500},
+    "grad_cam": {},
+    "score_cam": {"batch_size": 1000},
+    "occlusion": {"window": 4, "stride": 2, "batch_size": 500},
+}
+
+
+def bench_explain(model, params, x, methods, repeats):
+    rows = []
+    for name in methods:
+        fn = jax.jit(functools.partial(explain.attribute, name, model, **EXPLAIN_OPTIONS[name]))
+        first, median, times = timeit(lambda fn=fn: fn(params, x), repeats)
+        rows.append({"name": f"JAX {name}", "method": name, "first_s": first, "median_s": median,
+                     "times": times, "images_per_s": x.shape[0] / median,
+                     "options": EXPLAIN_OPTIONS[name]})
+        print(f"  {name}: {median:.3f} s ({x.shape[0] / median:,.0f} images/s)", flush=True)
+    return rows
+
+
+def bench_zennit(model, params, x, repeats, batch_size=1000):
+    import torch
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    twin = torch_twin(model, params, dtype="float32")
+    xt = torch.tensor(to_nchw(np.asarray(x)))
+
+    def run():
+        out = []
+        with Gradient(model=twin, composite=EpsilonPlusFlat()) as attributor:
+            for i in range(0, len(xt), batch_size):
+                xb = xt[i : i + batch_size].clone().requires_grad_(True)
+                logits = twin(xb).detach()
+                seed = torch.nn.functional.one_hot(logits.argmax(1), 10).to(logits) * logits
+                out.append(attributor(xb, seed)[1])
+        return None
+
+    first, median, times = timeit(run, repeats)
+    return {"name": f"zennit EpsilonPlusFlat (torch {torch.__version__}, batches of {batch_size})",
+            "first_s": first, "median_s": median, "times": times,
+            "images_per_s": x.shape[0] / median}
+
+
+def markdown(results) -> str:
+    lines = [
+        f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}.",
+        "",
+        "| what | first call (s) | steady, median (s) | images/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        ips = f"{row['images_per_s']:,.0f}" if "images_per_s" in row else ""
+        lines.append(f"| {row['name']} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
+    if results.get("ratios"):
+        lines += ["", *[f"- {k}: {v:.2f}" for k, v in results["ratios"].items()]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="train,explain", help="comma-separated: train, explain")
+    p.add_argument("--methods", default=",".join(explain.METHODS),
+                   help="methods for the explain section")
+    p.add_argument("--repeats", type=cli.positive_int, default=5)
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit")
+    p.add_argument("--out", type=Path, default=Path("docs/benchmark"),
+                   help="output stem: writes STEM.json and STEM.md")
+    args = p.parse_args(argv)
+    sections = set(args.only.split(","))
+    methods = args.methods.split(",")
+    bad = sorted(sections - {"train", "explain"}) + sorted(set(methods) - set(explain.METHODS))
+    if bad:
+        p.error(f"unknown section or method {bad[0]!r}")
+    peers = not args.no_peers
+    if peers:
+        try:
+            import torch  # noqa: F401
+            import zennit  # noqa: F401
+        except ImportError:
+            peers = False
+            print("peers extra not installed: timing JAX only", flush=True)
+
+    with cli.one_line_errors(p):
+        train_x, train_y = load_mnist("train", progress=False)
+        test_x, _ = load_mnist("test", progress=False)
+    device = jax.devices()[0]
+    results = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+                   f"{__import__('os').cpu_count()} CPUs)",
+        "jax": jax.__version__, "device": f"{device.platform}:{device.device_kind}",
+        "rows": [], "ratios": {},
+    }
+    if "train" in sections:
+        print("train ...", flush=True)
+        jx = bench_train(jnp.asarray(train_x), jnp.asarray(train_y), args.repeats, args.batch_size)
+        results["rows"].append(jx)
+        if peers:
+            pt = bench_torch_train(train_x, train_y, args.repeats, args.batch_size)
+            results["rows"].append(pt)
+            results["ratios"]["JAX epoch / PyTorch peer epoch"] = jx["median_s"] / pt["median_s"]
+    if "explain" in sections:
+        print("explain 10k test images ...", flush=True)
+        model = LeNet5()
+        params = init_params(model, jax.random.key(0))
+        x = preprocess(jnp.asarray(test_x))
+        rows = bench_explain(model, params, x, methods, args.repeats)
+        results["rows"] += rows
+        by = {r["method"]: r for r in rows}
+        if "lrp" in by and "saliency" in by:
+            results["ratios"]["LRP time / saliency time"] = (
+                by["lrp"]["median_s"] / by["saliency"]["median_s"])
+        if peers and "lrp" in by:
+            z = bench_zennit(model, params, x, max(1, min(args.repeats, 3)))
+            results["rows"].append(z)
+            results["ratios"]["zennit time / JAX LRP time"] = z["median_s"] / by["lrp"]["median_s"]
+    md = markdown(results)
+    print(md)
+    atomic_write_json(args.out.with_suffix(".json"), results)
+    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
