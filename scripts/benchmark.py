@@ -99,7 +99,7 @@ def bench_torch_train(images, labels, repeats, batch_size):
 
 # method -> options for the whole-test-set call (chunking bounds the memory of the heavy ones)
 EXPLAIN_OPTIONS = {
-    "lrp": {"composite": "epsilon_plus_flat", "batch_size": 1000},
+    "lrp": {"composite": "epsilon_plus_flat", "batch_size": 500},
     "saliency": {},
     "gradient_x_input": {},
     "smoothgrad": {"n_samples": 50, "batch_size": 500},

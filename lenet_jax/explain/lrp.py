@@ -199,12 +199,16 @@ def lrp(
     """
     from lenet_jax.explain.gradients import _chunked_map
 
-    check_input(model, x)
-    t = resolve_target(target, forward(model.layers, params, x)[0]) if batch_size else target
     kwargs = dict(composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high,
                   stabilizer=stabilizer)
     if not batch_size:
-        return lrp_layerwise(model, params, x, t, **kwargs)["input"]
+        return lrp_layerwise(model, params, x, target, **kwargs)["input"]
+    check_input(model, x)
+    if target is None:  # each chunk finds its own predicted classes
+        return _chunked_map(
+            lambda xb: lrp_layerwise(model, params, xb, None, **kwargs)["input"], x, batch_size
+        )
+    t = resolve_target(target, jnp.zeros((x.shape[0], model.layers[-1].features)))
     return _chunked_map(
         lambda a: lrp_layerwise(model, params, a[0], a[1], **kwargs)["input"], (x, t), batch_size
     )
