@@ -132,7 +132,9 @@ def integrated_gradients(
         pixel (the zero of *pixel* space, ``-MEAN/STD``), not the zero of normalized space.
       n_steps: points of the quadrature.
       method: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``, ``"riemann_trapezoid"``
-        or ``"gausslegendre"`` — the rules and point sets of captum's ``IntegratedGradients``.
+        or ``"gausslegendre"`` — the point sets of captum's ``IntegratedGradients``. The weights
+        sum to 1; captum's ``riemann_trapezoid`` weights sum to ``(n−1)/n`` (its attributions are
+        ours times ``(n−1)/n``).
       return_gap: also return the completeness gap ``f(x) − f(baseline) − Σ IG`` per sample.
       batch_size: images per chunk (``lax.map``) to bound memory.
 

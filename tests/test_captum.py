@@ -1,0 +1,64 @@
+"""Cross-check of the gradient methods and occlusion against captum on a torch twin."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_params, require
+
+from lenet_jax import explain
+from lenet_jax.data import normalized_range
+from lenet_jax.models import LeNet5
+from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
+
+torch = require("torch")
+captum_attr = require("captum.attr")
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(params=[("tanh", "avg"), ("relu", "max")], ids=["tanh-avg", "relu-max"])
+def case(request):
+    model = LeNet5(activation=request.param[0], pool=request.param[1])
+    params = random_params(model, seed=11)
+    pixels = np.random.default_rng(3).uniform(0, 1, (5, 32, 32, 1))
+    x = jnp.asarray((pixels - 0.1307) / 0.3081)
+    target = jnp.array([0, 3, 5, 7, 9])
+    twin = torch_twin(model, params)
+    return model, params, x, target, twin, torch.tensor(to_nchw(x)), torch.tensor(np.asarray(target))
+
+
+def close(ours, theirs_nchw):
+    ref = to_nhwc(theirs_nchw.detach().numpy())
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-7 * max(np.abs(ref).max(), 1e-12)
+
+
+def test_saliency_and_gradient_x_input_equal_captum(case):
+    model, params, x, t, twin, xt, tt = case
+    close(explain.saliency(model, params, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt))
+    close(explain.saliency(model, params, x, t, absolute=False),
+          captum_attr.Saliency(twin).attribute(xt, target=tt, abs=False))
+    close(explain.gradient_x_input(model, params, x, t),
+          captum_attr.InputXGradient(twin).attribute(xt, target=tt))
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
+def test_integrated_gradients_equal_captum(case, method):
+    model, params, x, t, twin, xt, tt = case
+    base = normalized_range()[0]
+    ours = explain.integrated_gradients(model, params, x, t, n_steps=32, method=method)
+    theirs = captum_attr.IntegratedGradients(twin).attribute(
+        xt, baselines=base, target=tt, n_steps=32, method=method)
+    if method == "riemann_trapezoid":
+        # captum's trapezoid steps are 1/n with halved ends (they sum to (n-1)/n); ours are the
+        # trapezoid rule's 1/(n-1), which sum to 1: the same points, weights scaled by n/(n-1).
+        ours = ours * 31 / 32
+    close(ours, theirs)
+
+
+def test_occlusion_equals_captum(case):
+    model, params, x, t, twin, xt, tt = case
+    base = normalized_range()[0]
+    ours = explain.occlusion(model, params, x, t, window=4, stride=2)
+    theirs = captum_attr.Occlusion(twin).attribute(
+        xt, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=base, target=tt)
+    close(ours, theirs)
