@@ -102,19 +102,23 @@ EXPLAIN_OPTIONS = {
     "lrp": {"composite": "epsilon_plus_flat", "batch_size": 500},
     "saliency": {},
     "gradient_x_input": {},
-    "smoothgrad": {"n_samples": 50, "batch_size": 500},
-    "integrated_gradients": {"n_steps": 50, "batch_size": 500},
+    "smoothgrad": {"n_samples": 50, "batch_size": 10},
+    "integrated_gradients": {"n_steps": 50, "batch_size": 10},
     "grad_cam": {},
-    "score_cam": {"batch_size": 1000},
-    "occlusion": {"window": 4, "stride": 2, "batch_size": 500},
+    "score_cam": {"batch_size": 16},
+    "occlusion": {"window": 4, "stride": 2, "batch_size": 10},
 }
 
 
-def bench_explain(model, params, x, methods, repeats):
+LIGHT = ("lrp", "saliency", "gradient_x_input", "grad_cam")
+
+
+def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
     rows = []
     for name in methods:
+        reps = repeats if name in LIGHT else heavy_repeats
         fn = jax.jit(functools.partial(explain.attribute, name, model, **EXPLAIN_OPTIONS[name]))
-        first, median, times = timeit(lambda fn=fn: fn(params, x), repeats)
+        first, median, times = timeit(lambda fn=fn: fn(params, x), reps)
         rows.append({"name": f"JAX {name}", "method": name, "first_s": first, "median_s": median,
                      "times": times, "images_per_s": x.shape[0] / median,
                      "options": EXPLAIN_OPTIONS[name]})
@@ -148,6 +152,84 @@ def bench_zennit(model, params, x, repeats, batch_size=1000):
             "images_per_s": x.shape[0] / median}
 
 
+def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_steps=50):
+    """captum Saliency, NoiseTunnel(Saliency) SmoothGrad and IntegratedGradients, same weights."""
+    import torch
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    from lenet_jax.data import normalized_range
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    twin = torch_twin(model, params, dtype="float32")
+    xt = torch.tensor(to_nchw(np.asarray(x)))
+    with torch.no_grad():
+        target = torch.cat([twin(xt[i : i + 2000]).argmax(1) for i in range(0, len(xt), 2000)])
+    black = normalized_range()[0]
+
+    def chunks(fn):
+        def run():
+            for i in range(0, len(xt), batch_size):
+                fn(xt[i : i + batch_size], target[i : i + batch_size])
+        return run
+
+    def smooth(xb, tb):
+        # captum's stdevs is absolute: use the same per-batch sigma as our noise_level 0.15
+        sigma = float(0.15 * (xb.amax() - xb.amin()))
+        NoiseTunnel(Saliency(twin)).attribute(xb, nt_type="smoothgrad", nt_samples=n_samples,
+                                              nt_samples_batch_size=n_samples * 10,
+                                              stdevs=sigma, target=tb, abs=False)
+
+    specs = {
+        "saliency": (lambda xb, tb: Saliency(twin).attribute(xb, target=tb, abs=False), repeats),
+        "smoothgrad": (smooth, 1),
+        "integrated_gradients": (lambda xb, tb: IntegratedGradients(twin).attribute(
+            xb, baselines=black, target=tb, n_steps=n_steps, internal_batch_size=batch_size * 10),
+            1),
+    }
+    rows = []
+    for name, (fn, reps) in specs.items():
+        first, median, times = timeit(chunks(fn), reps)
+        rows.append({"name": f"captum {name} (torch {torch.__version__})", "method": name,
+                     "first_s": first, "median_s": median, "times": times,
+                     "images_per_s": x.shape[0] / median})
+        print(f"  captum {name}: {median:.3f} s", flush=True)
+    return rows
+
+
+def bench_score_cam_loop(model, params, x, repeats, mask_batch=16):
+    """Score-CAM image by image in PyTorch, as pytorch-grad-cam computes it (masks in batches)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    twin = torch_twin(model, params, dtype="float32")
+    xt = torch.tensor(to_nchw(np.asarray(x)))
+    features = twin[:4]  # up to conv2's output
+
+    def run():
+        with torch.no_grad():
+            for i in range(len(xt)):
+                xi = xt[i : i + 1]
+                acts = features(xi)
+                target = int(twin(xi).argmax(1))
+                up = F.interpolate(acts, size=xi.shape[-2:], mode="bilinear", align_corners=False)
+                flat = up.view(up.shape[1], -1)
+                mins, maxs = flat.min(1)[0], flat.max(1)[0]
+                up = (up - mins[None, :, None, None]) / (maxs - mins + 1e-8)[None, :, None, None]
+                masked = xi[:, None] * up[:, :, None]  # [1, K, 1, H, W]
+                scores = []
+                for j in range(0, masked.shape[1], mask_batch):
+                    scores.append(twin(masked[0, j : j + mask_batch])[:, target])
+                weights = torch.softmax(torch.cat(scores), 0)
+                torch.relu((weights[:, None, None] * acts[0]).sum(0))
+
+    first, median, times = timeit(run, repeats)
+    return {"name": f"Score-CAM per-image loop (torch, masks in batches of {mask_batch})",
+            "method": "score_cam", "first_s": first, "median_s": median, "times": times,
+            "images_per_s": x.shape[0] / median}
+
+
 def markdown(results) -> str:
     lines = [
         f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}.",
@@ -170,7 +252,10 @@ def main(argv=None) -> int:
                    help="methods for the explain section")
     p.add_argument("--repeats", type=cli.positive_int, default=5)
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
-    p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit")
+    p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit/captum")
+    p.add_argument("--captum", action="store_true", help="also time captum (minutes on a CPU)")
+    p.add_argument("--images", type=cli.positive_int, default=10000,
+                   help="test images to explain (default: all 10,000)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmark"),
                    help="output stem: writes STEM.json and STEM.md")
     args = p.parse_args(argv)
@@ -210,7 +295,7 @@ def main(argv=None) -> int:
         print("explain 10k test images ...", flush=True)
         model = LeNet5()
         params = init_params(model, jax.random.key(0))
-        x = preprocess(jnp.asarray(test_x))
+        x = preprocess(jnp.asarray(test_x[: args.images]))
         rows = bench_explain(model, params, x, methods, args.repeats)
         results["rows"] += rows
         by = {r["method"]: r for r in rows}
@@ -221,6 +306,18 @@ def main(argv=None) -> int:
             z = bench_zennit(model, params, x, max(1, min(args.repeats, 3)))
             results["rows"].append(z)
             results["ratios"]["zennit time / JAX LRP time"] = z["median_s"] / by["lrp"]["median_s"]
+        if peers and args.captum:
+            wanted = [m for m in ("saliency", "smoothgrad", "integrated_gradients") if m in by]
+            for row in bench_captum(model, params, x, max(1, min(args.repeats, 3))):
+                results["rows"].append(row)
+                if row["method"] in wanted:
+                    results["ratios"][f"captum {row['method']} time / JAX time"] = (
+                        row["median_s"] / by[row["method"]]["median_s"])
+        if peers and "score_cam" in by:
+            loop = bench_score_cam_loop(model, params, x, 1)
+            results["rows"].append(loop)
+            results["ratios"]["Score-CAM per-image loop time / JAX time"] = (
+                loop["median_s"] / by["score_cam"]["median_s"])
     md = markdown(results)
     print(md)
     atomic_write_json(args.out.with_suffix(".json"), results)

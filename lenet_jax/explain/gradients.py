@@ -98,19 +98,30 @@ def smoothgrad(
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, x.shape[0])
 
-    def one_image(args):
-        xi, ti, ki = args
-        sigma = noise_level * (jnp.max(xi) - jnp.min(xi))
-        noise = sigma * jax.random.normal(ki, (n_samples, *xi.shape), xi.dtype)
-        f = target_logit(model, params, jnp.full((n_samples,), ti))
-        grads = jax.grad(lambda v: jnp.sum(f(v)))(xi[None] + noise)
-        if variant == "smoothgrad":
-            return grads.mean(0)
-        if variant == "squared":
-            return jnp.square(grads).mean(0)
-        return grads.var(0)
+    def chunk(args):
+        xc, tc, kc = args  # [b, H, W, C], [b], [b] keys
 
-    return _chunked_map(lambda a: jax.vmap(one_image)(a), (x, t, keys), batch_size)
+        def noisy_copies(xi, ki):
+            sigma = noise_level * (jnp.max(xi) - jnp.min(xi))
+            return xi[None] + sigma * jax.random.normal(ki, (n_samples, *xi.shape), xi.dtype)
+
+        noisy = jax.vmap(noisy_copies)(xc, kc)  # [b, n, H, W, C]
+        grads = _flat_grad(model, params, noisy, tc)
+        if variant == "smoothgrad":
+            return grads.mean(1)
+        if variant == "squared":
+            return jnp.square(grads).mean(1)
+        return grads.var(1)
+
+    return _chunked_map(chunk, (x, t, keys), batch_size)
+
+
+def _flat_grad(model, params, xs_BN, target_B):
+    """Gradients of the target logits for ``[B, N, H, W, C]`` inputs, in one ``[B*N]`` batch."""
+    b, n = xs_BN.shape[:2]
+    f = target_logit(model, params, jnp.repeat(target_B, n))
+    flat = xs_BN.reshape(b * n, *xs_BN.shape[2:])
+    return jax.grad(lambda v: jnp.sum(f(v)))(flat).reshape(xs_BN.shape)
 
 
 def integrated_gradients(
@@ -148,14 +159,13 @@ def integrated_gradients(
     alphas, weights = _quadrature(method, n_steps)
     alphas, weights = jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype)
 
-    def one_image(args):
-        xi, x0i, ti = args
-        path = x0i[None] + alphas.reshape(-1, 1, 1, 1) * (xi - x0i)[None]
-        f = target_logit(model, params, jnp.full((n_steps,), ti))
-        grads = jax.grad(lambda v: jnp.sum(f(v)))(path)
-        return (xi - x0i) * jnp.tensordot(weights, grads, axes=1)
+    def chunk(args):
+        xc, x0c, tc = args
+        paths = x0c[:, None] + alphas.reshape(1, -1, 1, 1, 1) * (xc - x0c)[:, None]
+        grads = _flat_grad(model, params, paths, tc)  # [b, n_steps, H, W, C]
+        return (xc - x0c) * jnp.tensordot(weights, grads, axes=([0], [1]))
 
-    ig = _chunked_map(lambda a: jax.vmap(one_image)(a), (x, x0, t), batch_size)
+    ig = _chunked_map(chunk, (x, x0, t), batch_size)
     if not return_gap:
         return ig
     f = target_logit(model, params, t)
