@@ -184,3 +184,53 @@ def feature_map_relevance(relevance_hwk, pixels, title: str = ""):
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def flipping_curves(curves: dict, random_curve: dict, random_band=None):
+    """Pixel-flipping curves: mean target probability vs fraction removed, MoRF and LeRF panels.
+
+    Args:
+      curves: method -> {"morf": summary, "lerf": summary} (``evaluate.summarize_curves``).
+      random_curve: the random-order summary; ``random_band``: ``(low, high)`` per step, shaded.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, order, better in zip(axes, ("morf", "lerf"), ("lower", "higher")):
+        frac = random_curve["fraction"]
+        if random_band is not None:
+            ax.fill_between(frac, random_band[0], random_band[1], color="0.8",
+                            label="random order (10–90%)")
+        ax.plot(frac, random_curve["prob"], color="0.4", ls=":", label="random order (mean)")
+        for name, c in curves.items():
+            ax.plot(c[order]["fraction"], c[order]["prob"], label=f"{name} ({c[order]['aopc']:.3f})")
+        ax.set(xlabel="fraction of patches removed",
+               title=f"{order.upper()}: {better} curve = more faithful (AOPC in legend)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("target probability")
+    axes[1].legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def randomization_cascade(pixels, cascades: dict, layers, signed: dict):
+    """Heatmaps as the layers are re-initialized from the top: rows = methods, columns = steps.
+
+    Args:
+      pixels: ``[H, W]`` the digit.
+      cascades: method -> ``[L + 1, H, W]`` attributions (original first).
+      layers: the randomized layer names in cascade order.
+      signed: method -> whether its map is signed (by base method name).
+    """
+    names = list(cascades)
+    cols = len(layers) + 2
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.3 * cols, 1.35 * len(names)),
+                             squeeze=False)
+    for i, name in enumerate(names):
+        axes[i, 0].imshow(pixels, cmap="gray_r")
+        axes[i, 0].axis("off")
+        axes[i, 0].set_title(name, fontsize=6)
+        for j, heat in enumerate(cascades[name], start=1):
+            _show_heat(axes[i, j], pixels, np.asarray(heat), signed.get(name.split(":")[0], True))
+            if i == 0:
+                axes[i, j].set_title("original" if j == 1 else f"+{layers[j - 2]}", fontsize=7)
+    fig.tight_layout()
+    return fig

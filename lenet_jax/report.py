@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain
-from lenet_jax.data import load_mnist, preprocess, to_pixels
+from lenet_jax.data import load_mnist, normalized_range, preprocess, to_pixels
+from lenet_jax.explain._common import target_logit
 from lenet_jax.io import atomic_savez
 
 SIGNED = {
@@ -123,3 +124,159 @@ def explain_run(
                 layer_png)
     written["png"] = plot.save(fig, out)
     return written
+
+
+# The evaluated entries: every method, LRP once per composite ("lrp:NAME").
+EVAL_OPTIONS = {
+    "saliency": {},
+    "gradient_x_input": {},
+    "smoothgrad": {"n_samples": 50, "batch_size": 10},
+    "integrated_gradients": {"n_steps": 50, "batch_size": 10},
+    "grad_cam": {},
+    "score_cam": {"batch_size": 16},
+    "occlusion": {"window": 4, "stride": 2, "batch_size": 10},
+}
+
+
+def evaluation_entries(methods: list[str], composites: list[str]) -> dict[str, tuple[str, dict]]:
+    """Entry label -> (method, options), LRP expanded into one entry per composite."""
+    entries = {}
+    for name in methods:
+        if name == "lrp":
+            for comp in composites:
+                entries[f"lrp:{comp}"] = ("lrp", {"composite": comp, "batch_size": 500})
+        else:
+            entries[name] = (name, EVAL_OPTIONS[name])
+    return entries
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    methods: list[str] | None = None,
+    composites: list[str] | None = None,
+    n: int = 1000,
+    n_randomization: int = 100,
+    patch: int = 2,
+    n_steps: int = 32,
+    out: str | Path | None = None,
+    data_dir=None,
+    data_source=None,
+    progress: bool = True,
+) -> dict:
+    """Scores every method (and LRP composite) on ``n`` test digits of a trained run.
+
+    Writes ``evaluation.md``, ``evaluation.csv``, ``evaluation.json``, ``flipping_curves.png`` and
+    ``randomization.png`` into ``out`` (default ``run_dir/evaluation``).
+
+    Returns:
+      The results dict (also in ``evaluation.json``).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from lenet_jax import evaluate, plot
+    from lenet_jax.io import atomic_write_bytes, atomic_write_json
+
+    methods = list(explain.METHODS) if methods is None else methods
+    composites = list(explain.COMPOSITES) if composites is None else composites
+    bad = sorted(set(methods) - set(explain.METHODS)) + sorted(set(composites) - set(explain.COMPOSITES))
+    if bad:
+        raise ValueError(f"unknown method or composite {bad[0]!r}; methods: "
+                         f"{sorted(explain.METHODS)}, composites: {sorted(explain.COMPOSITES)}")
+    out = Path(out) if out else Path(run_dir) / "evaluation"
+    model, params, _ = checkpoint.load_params(run_dir)
+    images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
+    x = preprocess(images[:n])
+    target = jnp.argmax(model.apply({"params": params}, x), axis=1).astype(jnp.int32)
+    xr, tr = x[:n_randomization], target[:n_randomization]
+    flip = functools.partial(evaluate.pixel_flipping, model, patch=patch, n_steps=n_steps)
+    flip = jax.jit(flip, static_argnames=("order",))
+    faith = jax.jit(functools.partial(evaluate.faithfulness_correlation, model))
+
+    rand_curves = flip(params, x, target, jnp.zeros(x.shape[:3]), order="random")
+    random_summary = evaluate.summarize_curves(rand_curves)
+    band = np.percentile(np.asarray(rand_curves["prob"]), [10, 90], axis=0)
+    random_faith = float(faith(params, x, target,
+                               evaluate.random_attribution(x, jax.random.key(5))).mean())
+
+    entries = evaluation_entries(methods, composites)
+    rows, curves, cascades, layers = [], {}, {}, None
+    bar = tqdm(entries.items(), desc="evaluating", disable=not progress)
+    for label, (name, options) in bar:
+        bar.set_postfix_str(label)
+        fn = jax.jit(lambda p, v, t, name=name, options=options:
+                     explain.attribute(name, model, p, v, t, **options))
+        compiled = fn.lower(params, x, target).compile()
+        t0 = time.perf_counter()
+        attr = jax.block_until_ready(compiled(params, x, target))
+        ms = 1000 * (time.perf_counter() - t0) / n
+        morf = flip(params, x, target, attr, order="morf")
+        lerf = flip(params, x, target, attr, order="lerf")
+        curves[label] = {"morf": evaluate.summarize_curves(morf),
+                         "lerf": evaluate.summarize_curves(lerf)}
+        corr = float(faith(params, x, target, attr).mean())
+        cascade = evaluate.randomization_cascade(model, params, xr, tr, fn)
+        layers = cascade["layers"]
+        cascades[label] = np.asarray(cascade["attributions"][:, 0])
+        if name == "lrp":
+            conservation = float(evaluate.conservation_error(model, params, x, target, attr).mean())
+        elif name == "integrated_gradients":
+            _, gap = jax.jit(lambda p, v, t: explain.integrated_gradients(
+                model, p, v, t, return_gap=True, **options))(params, x, target)
+            f = target_logit(model, params, target)
+            delta = jnp.abs(f(x) - f(jnp.full_like(x, normalized_range()[0])))
+            conservation = float((jnp.abs(gap) / jnp.maximum(delta, 1e-12)).mean())
+        else:
+            conservation = None
+        rows.append({
+            "method": label,
+            "morf_aopc": curves[label]["morf"]["aopc"],
+            "lerf_aopc": curves[label]["lerf"]["aopc"],
+            "faithfulness_corr": corr,
+            "randomization_similarity": float(cascade["similarity"][-1].mean()),
+            "randomization_by_layer": [float(s) for s in cascade["similarity"].mean(1)],
+            "conservation_error": conservation,
+            "sparseness": float(evaluate.sparseness(attr).mean()),
+            "ms_per_image": ms,
+        })
+    results = {
+        "n": n, "n_randomization": n_randomization, "patch": patch, "n_steps": n_steps,
+        "random_morf_aopc": random_summary["aopc"], "random_faithfulness_corr": random_faith,
+        "cascade_layers": layers, "rows": rows,
+    }
+    atomic_write_json(out / "evaluation.json", results)
+    atomic_write_bytes(out / "evaluation.csv", _csv(rows).encode())
+    atomic_write_bytes(out / "evaluation.md", evaluation_markdown(results).encode())
+    plot.save(plot.flipping_curves(curves, random_summary, band), out / "flipping_curves.png")
+    plot.save(plot.randomization_cascade(np.asarray(to_pixels(xr[:1]))[0], cascades, layers,
+                                         SIGNED), out / "randomization.png")
+    return results
+
+
+COLUMNS = ["method", "morf_aopc", "lerf_aopc", "faithfulness_corr", "randomization_similarity",
+           "conservation_error", "sparseness", "ms_per_image"]
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def _csv(rows) -> str:
+    lines = [",".join(COLUMNS)]
+    lines += [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_markdown(results: dict) -> str:
+    """The evaluation table in Markdown."""
+    head = ("| method | MoRF AOPC ↑ | LeRF AOPC ↓ | faithfulness corr. ↑ | randomization sim. ↓ "
+            "| conservation err. | sparseness (Gini) | ms / image |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+    lines.append(f"| random order / random attribution | {results['random_morf_aopc']:.3f} | "
+                 f"{results['random_morf_aopc']:.3f} | {results['random_faithfulness_corr']:.3f} "
+                 "| | | | |")
+    return "\n".join(lines) + "\n"

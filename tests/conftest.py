@@ -58,3 +58,15 @@ def require(module: str):
         if os.environ.get("CI"):
             pytest.fail(f"{module} is required in CI (pip install -e '.[peers]'): {e}")
         pytest.skip(f"{module} not installed (pip install -e '.[peers]')")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist):
+    """A run folder trained for one epoch on 2,000 digits (seconds)."""
+    from lenet_jax.experiment import train_and_evaluate
+    from lenet_jax.train import TrainConfig
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train_and_evaluate(LeNet5(), TrainConfig(epochs=1), run, train_limit=2000, figures=False,
+                       progress=False)
+    return run

@@ -209,8 +209,8 @@ def occlusion(
     """Occlusion (Zeiler & Fergus, 2014): the drop of the target logit when a window is occluded.
 
     Each pixel gets the mean drop over the windows that cover it (captum's ``Occlusion`` with
-    ``sliding_window_shapes=(C, window, window)`` and ``strides=stride``). All occluded copies of an
-    image are evaluated in one batched forward pass.
+    ``sliding_window_shapes=(C, window, window)`` and ``strides=stride``). All occluded copies of a
+    chunk of images are evaluated in one batched forward pass.
 
     Args:
       window: side of the square window.
@@ -234,13 +234,15 @@ def occlusion(
     masks = jnp.asarray(masks, x.dtype)[..., None]  # [M, H, W, 1]
     coverage = jnp.maximum(masks.sum(0), 1.0)
 
-    def one_image(args):
-        xi, ti = args
-        occluded = xi[None] * (1 - masks) + jnp.asarray(base, x.dtype) * masks
-        f = target_logit(model, params, jnp.full((masks.shape[0] + 1,), ti))
-        scores = f(jnp.concatenate([xi[None], occluded]))
-        drops = scores[0] - scores[1:]
-        heat = jnp.tensordot(drops, masks, axes=1) / coverage
-        return jnp.broadcast_to(heat, xi.shape)
+    def chunk(args):
+        xc, tc = args  # [b, H, W, C], [b]
+        occluded = xc[:, None] * (1 - masks[None]) + jnp.asarray(base, x.dtype) * masks[None]
+        both = jnp.concatenate([xc[:, None], occluded], axis=1)
+        m = both.shape[1]
+        f = target_logit(model, params, jnp.repeat(tc, m))
+        scores = f(both.reshape(-1, *xc.shape[1:])).reshape(-1, m)
+        drops = scores[:, :1] - scores[:, 1:]  # [b, M]
+        heat = jnp.tensordot(drops, masks[..., 0], axes=1) / coverage[None, ..., 0]  # [b, H, W]
+        return jnp.broadcast_to(heat[..., None], xc.shape)
 
-    return _chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), batch_size)
+    return _chunked_map(chunk, (x, t), batch_size)

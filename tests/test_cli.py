@@ -1,0 +1,88 @@
+"""The explain and evaluate command lines on a small trained run, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_jax.report import evaluate_run
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(name, *args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_explain_lrp_writes_heatmaps_relevance_and_feature_maps(tiny_run, tmp_path):
+    out = tmp_path / "lrp.png"
+    r = run_script("explain.py", "--method", "lrp", "--run", tiny_run, "--n", 4, "--layer", "conv2",
+                   "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == PNG
+    assert (tmp_path / "lrp_conv2.png").read_bytes()[:8] == PNG
+    saved = np.load(tmp_path / "lrp.npz")
+    assert saved["attribution"].shape == (4, 32, 32)
+    np.testing.assert_array_equal(saved["indices"], [0, 1, 2, 3])
+    np.testing.assert_allclose(saved["relevance_sum"], saved["attribution"].reshape(4, -1).sum(1),
+                               rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_explain_all_draws_every_method(tiny_run, tmp_path):
+    r = run_script("explain.py", "--method", "all", "--run", tiny_run, "--n", 4, "--out",
+                   tmp_path / "all.png")
+    assert r.returncode == 0, r.stderr
+    saved = np.load(tmp_path / "all.npz")
+    for name in ("lrp", "saliency", "smoothgrad", "integrated_gradients", "grad_cam", "score_cam",
+                 "occlusion", "gradient_x_input"):
+        assert saved[name].shape == (4, 32, 32)
+    assert (saved["pred"] != saved["labels"]).sum() >= 1  # the mix shows a misclassified digit
+
+
+def test_explain_without_a_run_says_to_train_first(tmp_path):
+    r = run_script("explain.py", "--method", "lrp", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("explain.py: error: no trained run in runs/; train one first: "
+                                "python scripts/train.py")
+
+
+def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
+    r = run_script("explain.py", "--run", tmp_path / "missing")
+    assert r.returncode == 1 and "run folder" in r.stderr and "does not exist" in r.stderr
+    r = run_script("explain.py", "--run", tiny_run, "--out", tmp_path / "x.jpg", "--n", 2)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"explain.py: error: --out must name a .png file, got {tmp_path / 'x.jpg'}"
+    r = run_script("explain.py", "--method", "lime")
+    assert r.returncode == 2 and "invalid choice: 'lime'" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_evaluate_run_writes_tables_and_figures(tiny_run, tmp_path):
+    results = evaluate_run(tiny_run, methods=["saliency", "lrp"], composites=["epsilon_plus"],
+                           n=16, n_randomization=4, out=tmp_path, progress=False)
+    assert [r["method"] for r in results["rows"]] == ["saliency", "lrp:epsilon_plus"]
+    for row in results["rows"]:
+        assert -1 <= row["faithfulness_corr"] <= 1 and 0 <= row["sparseness"] <= 1
+        assert len(row["randomization_by_layer"]) == 5 and row["ms_per_image"] > 0
+    assert results["rows"][0]["conservation_error"] is None
+    assert results["rows"][1]["conservation_error"] >= 0
+    assert json.loads((tmp_path / "evaluation.json").read_text())["n"] == 16
+    csv = (tmp_path / "evaluation.csv").read_text().splitlines()
+    assert csv[0].startswith("method,morf_aopc,lerf_aopc") and len(csv) == 3
+    assert "| lrp:epsilon_plus |" in (tmp_path / "evaluation.md").read_text()
+    for png in ("flipping_curves.png", "randomization.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG
+
+
+def test_evaluate_rejects_unknown_methods(tiny_run):
+    r = run_script("evaluate.py", "--run", tiny_run, "--methods", "saliency,lime")
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("evaluate.py: error: unknown method or composite 'lime'")
