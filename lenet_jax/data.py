@@ -226,11 +226,12 @@ def _load_tfds(split: str, data_dir: Path | None) -> tuple[np.ndarray, np.ndarra
         raise DataError(
             "source 'tfds' needs tensorflow-datasets: pip install -e '.[tfds]'"
         ) from None
-    ds = tfds.as_numpy(
-        tfds.load("mnist", split=split, batch_size=-1, data_dir=data_dir, as_supervised=True)
-    )
-    images, labels = ds
-    return np.asarray(images, np.uint8).reshape(-1, 28, 28), np.asarray(labels, np.int32)
+    # batches rather than batch_size=-1, whose single-tensor path aborts in TensorFlow 2.21
+    ds = tfds.load("mnist", split=split, batch_size=4096, data_dir=data_dir, as_supervised=True)
+    batches = list(tfds.as_numpy(ds))
+    images = np.concatenate([np.asarray(b[0], np.uint8).reshape(-1, 28, 28) for b in batches])
+    labels = np.concatenate([np.asarray(b[1], np.int32) for b in batches])
+    return images, labels
 
 
 def load_mnist(

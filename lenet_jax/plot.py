@@ -200,8 +200,10 @@ def flipping_curves(curves: dict, random_curve: dict, random_band=None):
             ax.fill_between(frac, random_band[0], random_band[1], color="0.8",
                             label="random order (10–90%)")
         ax.plot(frac, random_curve["prob"], color="0.4", ls=":", label="random order (mean)")
-        for name, c in curves.items():
-            ax.plot(c[order]["fraction"], c[order]["prob"], label=f"{name} ({c[order]['aopc']:.3f})")
+        colors = plt.cm.tab20(np.linspace(0, 1, 20))[: max(len(curves), 1)]
+        for color, (name, c) in zip(colors, curves.items()):
+            ax.plot(c[order]["fraction"], c[order]["prob"], color=color,
+                    label=f"{name} ({c[order]['aopc']:.3f})")
         ax.set(xlabel="fraction of patches removed",
                title=f"{order.upper()}: {better} curve = more faithful (AOPC in legend)")
         ax.grid(alpha=0.3)

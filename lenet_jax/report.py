@@ -179,6 +179,7 @@ def evaluate_run(
     from lenet_jax import evaluate, plot
     from lenet_jax.io import atomic_write_bytes, atomic_write_json
 
+    started = time.perf_counter()
     methods = list(explain.METHODS) if methods is None else methods
     composites = list(explain.COMPOSITES) if composites is None else composites
     bad = sorted(set(methods) - set(explain.METHODS)) + sorted(set(composites) - set(explain.COMPOSITES))
@@ -245,6 +246,8 @@ def evaluate_run(
         "n": n, "n_randomization": n_randomization, "patch": patch, "n_steps": n_steps,
         "random_morf_aopc": random_summary["aopc"], "random_faithfulness_corr": random_faith,
         "cascade_layers": layers, "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
     atomic_write_json(out / "evaluation.json", results)
     atomic_write_bytes(out / "evaluation.csv", _csv(rows).encode())

@@ -114,3 +114,16 @@ def test_preprocess_pads_with_black_and_normalizes():
     np.testing.assert_allclose(x[:, 2:30, 2:30], white, rtol=1e-6)
     np.testing.assert_allclose(black, -0.1307 / 0.3081)
     np.testing.assert_allclose(np.asarray(data.to_pixels(x))[:, 2:30, 2:30], 1.0, rtol=1e-6)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from lenet_jax.io import atomic_write_bytes
+
+    path = atomic_write_bytes(tmp_path / "sub" / "f.bin", b"abc")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_bytes() == b"abc"
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]
