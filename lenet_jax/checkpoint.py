@@ -32,17 +32,28 @@ def save_checkpoint(run_dir: str | Path, state, metadata: dict[str, Any]) -> Pat
     ckpt_dir = Path(run_dir) / "checkpoints"
     epoch = int(metadata["epoch"])
     payload = serialization.to_bytes(
-        {"params": state.params, "opt_state": state.opt_state, "step": state.step, "key": _key_data(state.key)}
+        {
+            "params": state.params,
+            "opt_state": state.opt_state,
+            "step": state.step,
+            "key": _key_data(state.key),
+        }
     )
     state_path = atomic_write_bytes(ckpt_dir / f"epoch_{epoch:03d}.msgpack", payload)
-    meta = {**metadata, "state_file": state_path.name, "sha256": hashlib.sha256(payload).hexdigest()}
+    meta = {
+        **metadata,
+        "state_file": state_path.name,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
     return atomic_write_json(ckpt_dir / f"epoch_{epoch:03d}.json", meta)
 
 
 def _key_data(key):
     import jax
 
-    return jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return (
+        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], bytes] | None:

@@ -9,6 +9,7 @@ import math
 
 def _number(kind, check, what):
     def parse(text: str):
+        """Parses ``text`` or raises ``argparse.ArgumentTypeError`` with a one-line reason."""
         try:
             value = kind(text)
         except ValueError:

@@ -160,6 +160,10 @@ def _from_cache(names: Sequence[str], data_dir: Path) -> None:
             raise DataError(f"{raw} not found")
 
 
+def _verified(path: Path, name: str) -> bool:
+    return path.exists() and sha256(path.read_bytes()) == SHA256[name]
+
+
 def _download(url: str, *, timeout: float = 20.0, progress: bool = True) -> bytes:
     from tqdm.auto import tqdm
 
@@ -167,7 +171,11 @@ def _download(url: str, *, timeout: float = 20.0, progress: bool = True) -> byte
         total = int(response.headers.get("Content-Length") or 0) or None
         buf = io.BytesIO()
         with tqdm(
-            total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1], disable=not progress
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=url.rsplit("/", 1)[-1],
+            disable=not progress,
         ) as bar:
             while chunk := response.read(1 << 16):
                 buf.write(chunk)
@@ -177,7 +185,7 @@ def _download(url: str, *, timeout: float = 20.0, progress: bool = True) -> byte
 
 def _from_mirrors(names: Sequence[str], data_dir: Path, progress: bool = True) -> None:
     for name in names:
-        if (data_dir / name).exists():
+        if _verified(data_dir / name, name):
             continue
         errors = []
         for mirror in MIRRORS:

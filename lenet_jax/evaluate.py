@@ -225,8 +225,14 @@ def randomized_params(model, params, n_layers: int, key: jax.Array):
     """``params`` with the top ``n_layers`` parametrized layers re-initialized (cascading)."""
     fresh = init_params(model, key)
     top = param_layers_top_down(model)[:n_layers]
-    return {name: (jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), fresh[name], p)
-                   if name in top else p) for name, p in params.items()}
+    return {
+        name: (
+            jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), fresh[name], p)
+            if name in top
+            else p
+        )
+        for name, p in params.items()
+    }
 
 
 def randomization_cascade(
@@ -260,8 +266,9 @@ def randomization_cascade(
     for k in range(1, len(names) + 1):
         heat = _heat(explain_fn(randomized_params(model, params, k, key), x, target))
         maps.append(heat)
-        sims.append(spearman(prep(original).reshape(x.shape[0], -1),
-                             prep(heat).reshape(x.shape[0], -1)))
+        sims.append(
+            spearman(prep(original).reshape(x.shape[0], -1), prep(heat).reshape(x.shape[0], -1))
+        )
     return {"layers": names, "similarity": jnp.stack(sims), "attributions": jnp.stack(maps)}
 
 
@@ -272,5 +279,9 @@ def random_attribution(x, key: jax.Array):
 
 def summarize_curves(curves: dict) -> dict[str, np.ndarray]:
     """Mean curve and AOPC over the batch, as numpy."""
-    return {"fraction": np.asarray(curves["fraction"]), "prob": np.asarray(curves["prob"].mean(0)),
-            "logit": np.asarray(curves["logit"].mean(0)), "aopc": float(curves["aopc"].mean())}
+    return {
+        "fraction": np.asarray(curves["fraction"]),
+        "prob": np.asarray(curves["prob"].mean(0)),
+        "logit": np.asarray(curves["logit"].mean(0)),
+        "aopc": float(curves["aopc"].mean()),
+    }

@@ -129,8 +129,11 @@ def train_and_evaluate(
     fns: dict = {}
     for epoch in range(start_epoch, config.epochs + 1):
         bar = tqdm(
-            total=steps_per_epoch, desc=f"Epoch {epoch}/{config.epochs}", disable=not progress,
-            leave=False, file=sys.stdout,
+            total=steps_per_epoch,
+            desc=f"Epoch {epoch}/{config.epochs}",
+            disable=not progress,
+            leave=False,
+            file=sys.stdout,
         )
 
         def on_progress(done, sums, bar=bar):
@@ -139,8 +142,16 @@ def train_and_evaluate(
 
         t0 = time.perf_counter()
         state, sums = train_epoch(
-            state, images, labels, epoch=epoch, data_key=data_key, batch_size=config.batch_size,
-            loop=config.loop, fns=fns, progress=on_progress, label_smoothing=config.label_smoothing,
+            state,
+            images,
+            labels,
+            epoch=epoch,
+            data_key=data_key,
+            batch_size=config.batch_size,
+            loop=config.loop,
+            fns=fns,
+            progress=on_progress,
+            label_smoothing=config.label_smoothing,
         )
         train_metrics = summarize(sums)
         seconds = time.perf_counter() - t0
@@ -153,20 +164,29 @@ def train_and_evaluate(
         test_report = classification_report(
             predict(model, state.params, test_images, config.eval_batch_size), test_y
         )
-        history.append({
-            "epoch": epoch,
-            "seconds": seconds,
-            "train": train_metrics,
-            "test": {"loss": test_report["loss"], "accuracy": test_report["accuracy"]},
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "seconds": seconds,
+                "train": train_metrics,
+                "test": {"loss": test_report["loss"], "accuracy": test_report["accuracy"]},
+            }
+        )
         _log(
             f"Epoch {epoch}, Loss: {train_metrics['loss']:.4f}, "
             f"Accuracy: {100 * train_metrics['accuracy']:.2f}% "
             f"(test {100 * test_report['accuracy']:.2f}%, {seconds:.1f} s)"
         )
         checkpoint.save_checkpoint(
-            run_dir, state, {**base_meta, "epoch": epoch, "step": int(state.step),
-                             "history": history, "test": test_report},
+            run_dir,
+            state,
+            {
+                **base_meta,
+                "epoch": epoch,
+                "step": int(state.step),
+                "history": history,
+                "test": test_report,
+            },
         )
 
     final = checkpoint.latest_checkpoint(run_dir)[0]
@@ -176,8 +196,10 @@ def train_and_evaluate(
         f"{report['correct']}/{report['count']} ({100 * report['accuracy']:.2f}%)"
     )
     _log(f"Top-3 accuracy: {100 * report['top3_accuracy']:.2f}%")
-    _log("Per-class accuracy: " + ", ".join(
-        f"{k}: {100 * a:.2f}%" for k, a in enumerate(report["per_class_accuracy"])))
+    _log(
+        "Per-class accuracy: "
+        + ", ".join(f"{k}: {100 * a:.2f}%" for k, a in enumerate(report["per_class_accuracy"]))
+    )
     _log("Confusion matrix (rows: true, columns: predicted):")
     for row in report["confusion"]:
         _log("  " + " ".join(f"{v:5d}" for v in row))
@@ -198,12 +220,15 @@ def _write_figures(run_dir: Path, model, meta: dict, test_x: np.ndarray, test_y:
     pred = probs.argmax(1)
     report = meta["test"]
     plot.save(plot.training_curves(meta["history"]), run_dir / "curves.png")
-    plot.save(plot.per_class_accuracy(report["per_class_accuracy"]), run_dir / "per_class_accuracy.png")
+    plot.save(
+        plot.per_class_accuracy(report["per_class_accuracy"]), run_dir / "per_class_accuracy.png"
+    )
     plot.save(plot.confusion_matrix(report["confusion"]), run_dir / "confusion_matrix.png")
     first = np.arange(32)
     plot.save(
         plot.digit_grid(
-            test_x[first], [f"pred {pred[i]} ({probs[i, pred[i]]:.2f})" for i in first],
+            test_x[first],
+            [f"pred {pred[i]} ({probs[i, pred[i]]:.2f})" for i in first],
             ["black" if pred[i] == test_y[i] else "red" for i in first],
             suptitle="Test samples: prediction (confidence); red = wrong",
         ),
@@ -213,7 +238,8 @@ def _write_figures(run_dir: Path, model, meta: dict, test_x: np.ndarray, test_y:
     if wrong.size:
         plot.save(
             plot.digit_grid(
-                test_x[wrong], [f"true {test_y[i]} / pred {pred[i]}" for i in wrong],
+                test_x[wrong],
+                [f"true {test_y[i]} / pred {pred[i]}" for i in wrong],
                 suptitle=f"Misclassified test digits ({int((pred != test_y).sum())} in all)",
             ),
             run_dir / "misclassified.png",

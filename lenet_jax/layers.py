@@ -31,6 +31,7 @@ class Conv:
     has_params = True
 
     def apply(self, params, x_BHWC):
+        """``[B, H, W, Cin] -> [B, H-kh+1, W-kw+1, features]`` (VALID) with ``{"kernel" HWIO, "bias"}``."""
         kernel = params["kernel"].astype(x_BHWC.dtype)
         if self.padding == "VALID" and jax.default_backend() == "cpu":
             y = _conv_im2col(x_BHWC, kernel)
@@ -73,6 +74,7 @@ class Dense:
     has_params = True
 
     def apply(self, params, x_BD):
+        """``[B, D] -> [B, features]`` with ``{"kernel" [D, features], "bias"}``."""
         return _add_bias(x_BD @ params["kernel"].astype(x_BD.dtype), params["bias"])
 
 
@@ -86,8 +88,11 @@ class AvgPool:
     has_params = False
 
     def apply(self, params, x_BHWC):
+        """``[B, H, W, C] -> [B, H/window, W/window, C]``, the window mean."""
         w = self.window
-        return lax.reduce_window(x_BHWC, 0.0, lax.add, (1, w, w, 1), (1, w, w, 1), "VALID") / (w * w)
+        return lax.reduce_window(x_BHWC, 0.0, lax.add, (1, w, w, 1), (1, w, w, 1), "VALID") / (
+            w * w
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +105,7 @@ class MaxPool:
     has_params = False
 
     def apply(self, params, x_BHWC):
+        """``[B, H, W, C] -> [B, H/window, W/window, C]``, the window maximum."""
         w = self.window
         return lax.reduce_window(x_BHWC, -jnp.inf, lax.max, (1, w, w, 1), (1, w, w, 1), "VALID")
 
@@ -113,6 +119,7 @@ class Flatten:
     has_params = False
 
     def apply(self, params, x):
+        """``[B, H, W, C] -> [B, H*W*C]`` (NHWC order)."""
         return x.reshape(x.shape[0], -1)
 
 
@@ -133,6 +140,7 @@ class Activation:
             raise ValueError(f"unknown activation {self.fn!r}; choose one of {sorted(ACTIVATIONS)}")
 
     def apply(self, params, x):
+        """The non-linearity, element-wise, same shape."""
         return ACTIVATIONS[self.fn](x)
 
 
@@ -146,6 +154,7 @@ class Dropout:
     has_params = False
 
     def apply(self, params, x):
+        """The identity (evaluation mode); the Flax module drops units in training."""
         return x
 
 

@@ -51,6 +51,7 @@ class SequentialModel(nn.Module):
 
     @property
     def layers(self) -> tuple[Layer, ...]:
+        """The layer sequence, input to output (``lenet_jax.layers`` descriptions)."""
         raise NotImplementedError
 
     @property
@@ -59,6 +60,7 @@ class SequentialModel(nn.Module):
         raise NotImplementedError
 
     def kernel_init(self):
+        """The kernel initializer of the conv and dense layers (LeCun normal by default)."""
         return nn.initializers.lecun_normal()
 
     @nn.compact
@@ -103,13 +105,16 @@ class LeNet5(SequentialModel):
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """``(32, 32, 1)``: MNIST padded to LeNet-5's 32x32."""
         return (32, 32, 1)
 
     def kernel_init(self):
+        """Xavier (Glorot) uniform, suited to tanh."""
         return nn.initializers.xavier_uniform()
 
     @property
     def layers(self) -> tuple[Layer, ...]:
+        """conv1, act1, pool1, conv2, act2, pool2, flatten, fc1, act3, fc2, act4, fc3."""
         act, pool = self.activation, AvgPool if self.pool == "avg" else MaxPool
         return (
             Conv("conv1", 6, (5, 5)),

@@ -1,7 +1,8 @@
 """Figures: training curves, per-class accuracy, confusion matrix, digit grids, heatmaps.
 
 Nothing in the computing modules imports this one. Every function returns a matplotlib ``Figure``;
-``save`` writes it atomically and closes it.
+``save`` writes it atomically and closes it. The backend is left to matplotlib (``Agg`` without a
+display, inline in notebooks).
 """
 
 from __future__ import annotations
@@ -9,13 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lenet_jax.io import atomic_savefig  # noqa: E402
+from lenet_jax.io import atomic_savefig
 
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
@@ -48,8 +46,11 @@ def per_class_accuracy(per_class: Sequence[float]):
     bars = ax.bar(range(len(acc)), acc, color="tab:blue")
     ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set(
-        xticks=range(len(acc)), xlabel="class", ylabel="accuracy (%)",
-        ylim=(max(0.0, acc.min() - 3), 100.5), title="Test accuracy per class",
+        xticks=range(len(acc)),
+        xlabel="class",
+        ylabel="accuracy (%)",
+        ylim=(max(0.0, acc.min() - 3), 100.5),
+        title="Test accuracy per class",
     )
     fig.tight_layout()
     return fig
@@ -66,14 +67,24 @@ def confusion_matrix(confusion: Sequence[Sequence[int]]):
             if cm[i, j]:
                 color = "white" if cm[i, j] > cm.max() / 3 else "black"
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
-           title="Confusion matrix (test)")
+    ax.set(
+        xticks=range(k),
+        yticks=range(k),
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (test)",
+    )
     fig.tight_layout()
     return fig
 
 
-def digit_grid(images, titles: Sequence[str], colors: Sequence[str] | None = None, ncols: int = 8,
-               suptitle: str | None = None):
+def digit_grid(
+    images,
+    titles: Sequence[str],
+    colors: Sequence[str] | None = None,
+    ncols: int = 8,
+    suptitle: str | None = None,
+):
     """A grid of grey digits with a title each.
 
     Args:
@@ -108,8 +119,14 @@ def _show_heat(ax, pixels, heat, signed: bool):
     ax.axis("off")
 
 
-def heatmap_pairs(pixels, heatmaps, titles: Sequence[str], signed: bool = True, ncols: int = 4,
-                  suptitle: str | None = None):
+def heatmap_pairs(
+    pixels,
+    heatmaps,
+    titles: Sequence[str],
+    signed: bool = True,
+    ncols: int = 4,
+    suptitle: str | None = None,
+):
     """Digit and heatmap side by side for each image, ``ncols`` pairs per row.
 
     Args:
@@ -119,8 +136,9 @@ def heatmap_pairs(pixels, heatmaps, titles: Sequence[str], signed: bool = True, 
     """
     n = len(pixels)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, 2 * ncols, figsize=(2.4 * ncols, 1.35 * nrows + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, 2 * ncols, figsize=(2.4 * ncols, 1.35 * nrows + 0.4), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
@@ -147,8 +165,9 @@ def method_comparison(pixels, maps: dict, signed: dict, row_titles: Sequence[str
     fig, axes = plt.subplots(n, m + 1, figsize=(1.45 * (m + 1), 1.5 * n), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(pixels[i], cmap="gray_r")
-        axes[i, 0].set_title(row_titles[i], fontsize=6.5,
-                             color="red" if "✗" in row_titles[i] else "black")
+        axes[i, 0].set_title(
+            row_titles[i], fontsize=6.5, color="red" if "✗" in row_titles[i] else "black"
+        )
         axes[i, 0].axis("off")
         for j, (name, heat) in enumerate(maps.items(), start=1):
             _show_heat(axes[i, j], pixels[i], heat[i], signed[name])
@@ -194,18 +213,25 @@ def flipping_curves(curves: dict, random_curve: dict, random_band=None):
       random_curve: the random-order summary; ``random_band``: ``(low, high)`` per step, shaded.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, order, better in zip(axes, ("morf", "lerf"), ("lower", "higher")):
+    for ax, order, better in zip(axes, ("morf", "lerf"), ("lower", "higher"), strict=True):
         frac = random_curve["fraction"]
         if random_band is not None:
-            ax.fill_between(frac, random_band[0], random_band[1], color="0.8",
-                            label="random order (10–90%)")
+            ax.fill_between(
+                frac, random_band[0], random_band[1], color="0.8", label="random order (10–90%)"
+            )
         ax.plot(frac, random_curve["prob"], color="0.4", ls=":", label="random order (mean)")
         colors = plt.cm.tab20(np.linspace(0, 1, 20))[: max(len(curves), 1)]
-        for color, (name, c) in zip(colors, curves.items()):
-            ax.plot(c[order]["fraction"], c[order]["prob"], color=color,
-                    label=f"{name} ({c[order]['aopc']:.3f})")
-        ax.set(xlabel="fraction of patches removed",
-               title=f"{order.upper()}: {better} curve = more faithful (AOPC in legend)")
+        for color, (name, c) in zip(colors, curves.items(), strict=False):
+            ax.plot(
+                c[order]["fraction"],
+                c[order]["prob"],
+                color=color,
+                label=f"{name} ({c[order]['aopc']:.3f})",
+            )
+        ax.set(
+            xlabel="fraction of patches removed",
+            title=f"{order.upper()}: {better} curve = more faithful (AOPC in legend)",
+        )
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("target probability")
     axes[1].legend(fontsize=6.5, loc="lower left")
@@ -224,8 +250,9 @@ def randomization_cascade(pixels, cascades: dict, layers, signed: dict):
     """
     names = list(cascades)
     cols = len(layers) + 2
-    fig, axes = plt.subplots(len(names), cols, figsize=(1.3 * cols, 1.35 * len(names)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), cols, figsize=(1.3 * cols, 1.35 * len(names)), squeeze=False
+    )
     for i, name in enumerate(names):
         axes[i, 0].imshow(pixels, cmap="gray_r")
         axes[i, 0].axis("off")

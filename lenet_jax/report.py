@@ -15,8 +15,14 @@ from lenet_jax.explain._common import target_logit
 from lenet_jax.io import atomic_savez
 
 SIGNED = {
-    "lrp": True, "saliency": False, "gradient_x_input": True, "smoothgrad": True,
-    "integrated_gradients": True, "grad_cam": False, "score_cam": False, "occlusion": True,
+    "lrp": True,
+    "saliency": False,
+    "gradient_x_input": True,
+    "smoothgrad": True,
+    "integrated_gradients": True,
+    "grad_cam": False,
+    "score_cam": False,
+    "occlusion": True,
 }
 
 
@@ -61,11 +67,14 @@ def explain_run(
     from lenet_jax import plot
 
     if method != "all" and method not in explain.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all")
+        raise ValueError(
+            f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all"
+        )
     model, params, _ = checkpoint.load_params(run_dir)
     images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
-    logits_all = np.asarray(jax.jit(lambda p, i: model.apply({"params": p}, preprocess(i)))(
-        params, jnp.asarray(images)))
+    logits_all = np.asarray(
+        jax.jit(lambda p, i: model.apply({"params": p}, preprocess(i)))(params, jnp.asarray(images))
+    )
     pred_all = logits_all.argmax(1)
     idx = pick_examples(pred_all, labels, n, mix_wrong=(method == "all"))
     x = preprocess(images[idx])
@@ -86,11 +95,12 @@ def explain_run(
             maps[name] = np.asarray(explain_method(name, model, params, x, **options))
         titles = [
             f"{'✓' if p == t else '✗'} true {t} / pred {p} ({probs[i, p]:.2f})"
-            for i, (t, p) in enumerate(zip(y, pred))
+            for i, (t, p) in enumerate(zip(y, pred, strict=True))
         ]
         fig = plot.method_comparison(pixels, maps, SIGNED, titles)
-        written["npz"] = atomic_savez(out.with_suffix(".npz"), indices=idx, labels=y, pred=pred,
-                                      logits=logits, **maps)
+        written["npz"] = atomic_savez(
+            out.with_suffix(".npz"), indices=idx, labels=y, pred=pred, logits=logits, **maps
+        )
     else:
         options = {}
         if method == "lrp":
@@ -98,30 +108,50 @@ def explain_run(
         elif method in explain.CAM_METHODS and layer:
             options["layer"] = layer
         heat = np.asarray(explain_method(method, model, params, x, **options))
-        titles = [f"true {t} / pred {p}" for t, p in zip(y, pred)]
+        titles = [f"true {t} / pred {p}" for t, p in zip(y, pred, strict=True)]
         extra = {}
         if method == "lrp":
             sums = heat.reshape(len(idx), -1).sum(1)
-            titles = [f"{t}\nΣR {s:.2f} / logit {logits[i, pred[i]]:.2f}"
-                      for i, (t, s) in enumerate(zip(titles, sums))]
+            titles = [
+                f"{t}\nΣR {s:.2f} / logit {logits[i, pred[i]]:.2f}"
+                for i, (t, s) in enumerate(zip(titles, sums, strict=True))
+            ]
             extra = {"relevance_sum": sums}
         label = f"LRP ({composite})" if method == "lrp" else method.replace("_", " ")
-        fig = plot.heatmap_pairs(pixels, heat, titles, signed=SIGNED[method],
-                                 suptitle=f"{label}: red = evidence for the class, blue = against"
-                                 if SIGNED[method] else label)
-        written["npz"] = atomic_savez(out.with_suffix(".npz"), indices=idx, labels=y, pred=pred,
-                                      logits=logits, attribution=heat, **extra)
+        fig = plot.heatmap_pairs(
+            pixels,
+            heat,
+            titles,
+            signed=SIGNED[method],
+            suptitle=f"{label}: red = evidence for the class, blue = against"
+            if SIGNED[method]
+            else label,
+        )
+        written["npz"] = atomic_savez(
+            out.with_suffix(".npz"),
+            indices=idx,
+            labels=y,
+            pred=pred,
+            logits=logits,
+            attribution=heat,
+            **extra,
+        )
         if method == "lrp" and layer:
             rels = jax.jit(functools.partial(explain.lrp_layerwise, model, composite=composite))(
-                params, x)
+                params, x
+            )
             maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
             if layer not in maps:
                 raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
             layer_png = out.with_name(out.stem + f"_{layer}.png")
-            written["layer_png"] = plot.save(plot.feature_map_relevance(
-                np.asarray(rels[layer][0]), pixels[0],
-                f"Relevance of {layer}'s feature maps, digit {y[0]} (pred {pred[0]}), ranked"),
-                layer_png)
+            written["layer_png"] = plot.save(
+                plot.feature_map_relevance(
+                    np.asarray(rels[layer][0]),
+                    pixels[0],
+                    f"Relevance of {layer}'s feature maps, digit {y[0]} (pred {pred[0]}), ranked",
+                ),
+                layer_png,
+            )
     written["png"] = plot.save(fig, out)
     return written
 
@@ -182,10 +212,14 @@ def evaluate_run(
     started = time.perf_counter()
     methods = list(explain.METHODS) if methods is None else methods
     composites = list(explain.COMPOSITES) if composites is None else composites
-    bad = sorted(set(methods) - set(explain.METHODS)) + sorted(set(composites) - set(explain.COMPOSITES))
+    bad = sorted(set(methods) - set(explain.METHODS)) + sorted(
+        set(composites) - set(explain.COMPOSITES)
+    )
     if bad:
-        raise ValueError(f"unknown method or composite {bad[0]!r}; methods: "
-                         f"{sorted(explain.METHODS)}, composites: {sorted(explain.COMPOSITES)}")
+        raise ValueError(
+            f"unknown method or composite {bad[0]!r}; methods: "
+            f"{sorted(explain.METHODS)}, composites: {sorted(explain.COMPOSITES)}"
+        )
     out = Path(out) if out else Path(run_dir) / "evaluation"
     model, params, _ = checkpoint.load_params(run_dir)
     images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
@@ -199,24 +233,30 @@ def evaluate_run(
     rand_curves = flip(params, x, target, jnp.zeros(x.shape[:3]), order="random")
     random_summary = evaluate.summarize_curves(rand_curves)
     band = np.percentile(np.asarray(rand_curves["prob"]), [10, 90], axis=0)
-    random_faith = float(faith(params, x, target,
-                               evaluate.random_attribution(x, jax.random.key(5))).mean())
+    random_faith = float(
+        faith(params, x, target, evaluate.random_attribution(x, jax.random.key(5))).mean()
+    )
 
     entries = evaluation_entries(methods, composites)
     rows, curves, cascades, layers = [], {}, {}, None
     bar = tqdm(entries.items(), desc="evaluating", disable=not progress)
     for label, (name, options) in bar:
         bar.set_postfix_str(label)
-        fn = jax.jit(lambda p, v, t, name=name, options=options:
-                     explain.attribute(name, model, p, v, t, **options))
+        fn = jax.jit(
+            lambda p, v, t, name=name, options=options: explain.attribute(
+                name, model, p, v, t, **options
+            )
+        )
         compiled = fn.lower(params, x, target).compile()
         t0 = time.perf_counter()
         attr = jax.block_until_ready(compiled(params, x, target))
         ms = 1000 * (time.perf_counter() - t0) / n
         morf = flip(params, x, target, attr, order="morf")
         lerf = flip(params, x, target, attr, order="lerf")
-        curves[label] = {"morf": evaluate.summarize_curves(morf),
-                         "lerf": evaluate.summarize_curves(lerf)}
+        curves[label] = {
+            "morf": evaluate.summarize_curves(morf),
+            "lerf": evaluate.summarize_curves(lerf),
+        }
         corr = float(faith(params, x, target, attr).mean())
         cascade = evaluate.randomization_cascade(model, params, xr, tr, fn)
         layers = cascade["layers"]
@@ -224,28 +264,38 @@ def evaluate_run(
         if name == "lrp":
             conservation = float(evaluate.conservation_error(model, params, x, target, attr).mean())
         elif name == "integrated_gradients":
-            _, gap = jax.jit(lambda p, v, t: explain.integrated_gradients(
-                model, p, v, t, return_gap=True, **options))(params, x, target)
+            _, gap = jax.jit(
+                lambda p, v, t, options=options: explain.integrated_gradients(
+                    model, p, v, t, return_gap=True, **options
+                )
+            )(params, x, target)
             f = target_logit(model, params, target)
             delta = jnp.abs(f(x) - f(jnp.full_like(x, normalized_range()[0])))
             conservation = float((jnp.abs(gap) / jnp.maximum(delta, 1e-12)).mean())
         else:
             conservation = None
-        rows.append({
-            "method": label,
-            "morf_aopc": curves[label]["morf"]["aopc"],
-            "lerf_aopc": curves[label]["lerf"]["aopc"],
-            "faithfulness_corr": corr,
-            "randomization_similarity": float(cascade["similarity"][-1].mean()),
-            "randomization_by_layer": [float(s) for s in cascade["similarity"].mean(1)],
-            "conservation_error": conservation,
-            "sparseness": float(evaluate.sparseness(attr).mean()),
-            "ms_per_image": ms,
-        })
+        rows.append(
+            {
+                "method": label,
+                "morf_aopc": curves[label]["morf"]["aopc"],
+                "lerf_aopc": curves[label]["lerf"]["aopc"],
+                "faithfulness_corr": corr,
+                "randomization_similarity": float(cascade["similarity"][-1].mean()),
+                "randomization_by_layer": [float(s) for s in cascade["similarity"].mean(1)],
+                "conservation_error": conservation,
+                "sparseness": float(evaluate.sparseness(attr).mean()),
+                "ms_per_image": ms,
+            }
+        )
     results = {
-        "n": n, "n_randomization": n_randomization, "patch": patch, "n_steps": n_steps,
-        "random_morf_aopc": random_summary["aopc"], "random_faithfulness_corr": random_faith,
-        "cascade_layers": layers, "rows": rows,
+        "n": n,
+        "n_randomization": n_randomization,
+        "patch": patch,
+        "n_steps": n_steps,
+        "random_morf_aopc": random_summary["aopc"],
+        "random_faithfulness_corr": random_faith,
+        "cascade_layers": layers,
+        "rows": rows,
         "seconds": time.perf_counter() - started,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
@@ -253,13 +303,23 @@ def evaluate_run(
     atomic_write_bytes(out / "evaluation.csv", _csv(rows).encode())
     atomic_write_bytes(out / "evaluation.md", evaluation_markdown(results).encode())
     plot.save(plot.flipping_curves(curves, random_summary, band), out / "flipping_curves.png")
-    plot.save(plot.randomization_cascade(np.asarray(to_pixels(xr[:1]))[0], cascades, layers,
-                                         SIGNED), out / "randomization.png")
+    plot.save(
+        plot.randomization_cascade(np.asarray(to_pixels(xr[:1]))[0], cascades, layers, SIGNED),
+        out / "randomization.png",
+    )
     return results
 
 
-COLUMNS = ["method", "morf_aopc", "lerf_aopc", "faithfulness_corr", "randomization_similarity",
-           "conservation_error", "sparseness", "ms_per_image"]
+COLUMNS = [
+    "method",
+    "morf_aopc",
+    "lerf_aopc",
+    "faithfulness_corr",
+    "randomization_similarity",
+    "conservation_error",
+    "sparseness",
+    "ms_per_image",
+]
 
 
 def _fmt(value) -> str:
@@ -274,12 +334,16 @@ def _csv(rows) -> str:
 
 def evaluation_markdown(results: dict) -> str:
     """The evaluation table in Markdown."""
-    head = ("| method | MoRF AOPC ↑ | LeRF AOPC ↓ | faithfulness corr. ↑ | randomization sim. ↓ "
-            "| conservation err. | sparseness (Gini) | ms / image |")
+    head = (
+        "| method | MoRF AOPC ↑ | LeRF AOPC ↓ | faithfulness corr. ↑ | randomization sim. ↓ "
+        "| conservation err. | sparseness (Gini) | ms / image |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
-    lines.append(f"| random order / random attribution | {results['random_morf_aopc']:.3f} | "
-                 f"{results['random_morf_aopc']:.3f} | {results['random_faithfulness_corr']:.3f} "
-                 "| | | | |")
+    lines.append(
+        f"| random order / random attribution | {results['random_morf_aopc']:.3f} | "
+        f"{results['random_morf_aopc']:.3f} | {results['random_faithfulness_corr']:.3f} "
+        "| | | | |"
+    )
     return "\n".join(lines) + "\n"

@@ -149,7 +149,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], label_smoothing: 
         logits = state.apply_fn(
             {"params": params}, batch["image"], train=True, rngs={"dropout": dropout_key}
         )
-        m = compute_metrics(logits, batch["label"], batch["weight"], label_smoothing=label_smoothing)
+        m = compute_metrics(
+            logits, batch["label"], batch["weight"], label_smoothing=label_smoothing
+        )
         return m["loss_sum"] / jnp.maximum(m["count"], 1.0), m
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -166,9 +168,7 @@ def epoch_batches(key: jax.Array, epoch: int, n: int, batch_size: int, shuffle: 
       ``(idx, weight)``: int32 ``[S, batch_size]`` and float32 ``[S, batch_size]``, S = ceil(n/B).
     """
     steps = -(-n // batch_size)
-    order = (
-        jax.random.permutation(jax.random.fold_in(key, epoch), n) if shuffle else jnp.arange(n)
-    )
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n) if shuffle else jnp.arange(n)
     pad = steps * batch_size - n
     idx = jnp.concatenate([order, jnp.zeros(pad, order.dtype)]).astype(jnp.int32)
     weight = jnp.concatenate([jnp.ones(n, jnp.float32), jnp.zeros(pad, jnp.float32)])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import statistics
 import sys
@@ -51,19 +50,34 @@ def bench_train(images, labels, repeats, batch_size):
     model = LeNet5()
     config = TrainConfig(batch_size=batch_size)
     steps = -(-images.shape[0] // batch_size)
-    state = create_train_state(model, init_params(model, jax.random.key(0)),
-                               make_optimizer(config, steps), jax.random.key(1))
+    state = create_train_state(
+        model,
+        init_params(model, jax.random.key(0)),
+        make_optimizer(config, steps),
+        jax.random.key(1),
+    )
     fns, box, epoch = {}, [state], [0]
 
     def run():
         epoch[0] += 1
-        box[0], sums = train_epoch(box[0], images, labels, epoch=epoch[0], data_key=jax.random.key(2),
-                                   batch_size=batch_size, fns=fns)
+        box[0], sums = train_epoch(
+            box[0],
+            images,
+            labels,
+            epoch=epoch[0],
+            data_key=jax.random.key(2),
+            batch_size=batch_size,
+            fns=fns,
+        )
         return box[0].params, sums
 
     first, median, times = timeit(run, repeats)
-    return {"name": f"JAX epoch, batch {batch_size}", "first_s": first, "median_s": median,
-            "times": times}
+    return {
+        "name": f"JAX epoch, batch {batch_size}",
+        "first_s": first,
+        "median_s": median,
+        "times": times,
+    }
 
 
 def bench_torch_train(images, labels, repeats, batch_size):
@@ -72,9 +86,18 @@ def bench_torch_train(images, labels, repeats, batch_size):
 
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.Tanh(),
-        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.Tanh(), nn.Linear(120, 84),
-        nn.Tanh(), nn.Linear(84, 10),
+        nn.Conv2d(1, 6, 5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120),
+        nn.Tanh(),
+        nn.Linear(120, 84),
+        nn.Tanh(),
+        nn.Linear(84, 10),
     )
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.tensor(np.asarray(preprocess(images))).permute(0, 3, 1, 2).contiguous()
@@ -92,9 +115,14 @@ def bench_torch_train(images, labels, repeats, batch_size):
         return None
 
     first, median, times = timeit(run, repeats)
-    return {"name": f"PyTorch peer (preloaded tensors), batch {batch_size}", "first_s": first,
-            "median_s": median, "times": times, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "name": f"PyTorch peer (preloaded tensors), batch {batch_size}",
+        "first_s": first,
+        "median_s": median,
+        "times": times,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # method -> options for the whole-test-set call (chunking bounds the memory of the heavy ones)
@@ -119,9 +147,17 @@ def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
         reps = repeats if name in LIGHT else heavy_repeats
         fn = jax.jit(functools.partial(explain.attribute, name, model, **EXPLAIN_OPTIONS[name]))
         first, median, times = timeit(lambda fn=fn: fn(params, x), reps)
-        rows.append({"name": f"JAX {name}", "method": name, "first_s": first, "median_s": median,
-                     "times": times, "images_per_s": x.shape[0] / median,
-                     "options": EXPLAIN_OPTIONS[name]})
+        rows.append(
+            {
+                "name": f"JAX {name}",
+                "method": name,
+                "first_s": first,
+                "median_s": median,
+                "times": times,
+                "images_per_s": x.shape[0] / median,
+                "options": EXPLAIN_OPTIONS[name],
+            }
+        )
         print(f"  {name}: {median:.3f} s ({x.shape[0] / median:,.0f} images/s)", flush=True)
     return rows
 
@@ -147,9 +183,13 @@ def bench_zennit(model, params, x, repeats, batch_size=1000):
         return None
 
     first, median, times = timeit(run, repeats)
-    return {"name": f"zennit EpsilonPlusFlat (torch {torch.__version__}, batches of {batch_size})",
-            "first_s": first, "median_s": median, "times": times,
-            "images_per_s": x.shape[0] / median}
+    return {
+        "name": f"zennit EpsilonPlusFlat (torch {torch.__version__}, batches of {batch_size})",
+        "first_s": first,
+        "median_s": median,
+        "times": times,
+        "images_per_s": x.shape[0] / median,
+    }
 
 
 def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_steps=50):
@@ -170,28 +210,45 @@ def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_step
         def run():
             for i in range(0, len(xt), batch_size):
                 fn(xt[i : i + batch_size], target[i : i + batch_size])
+
         return run
 
     def smooth(xb, tb):
         # captum's stdevs is absolute: use the same per-batch sigma as our noise_level 0.15
         sigma = float(0.15 * (xb.amax() - xb.amin()))
-        NoiseTunnel(Saliency(twin)).attribute(xb, nt_type="smoothgrad", nt_samples=n_samples,
-                                              nt_samples_batch_size=n_samples * 10,
-                                              stdevs=sigma, target=tb, abs=False)
+        NoiseTunnel(Saliency(twin)).attribute(
+            xb,
+            nt_type="smoothgrad",
+            nt_samples=n_samples,
+            nt_samples_batch_size=n_samples * 10,
+            stdevs=sigma,
+            target=tb,
+            abs=False,
+        )
 
     specs = {
         "saliency": (lambda xb, tb: Saliency(twin).attribute(xb, target=tb, abs=False), repeats),
         "smoothgrad": (smooth, 1),
-        "integrated_gradients": (lambda xb, tb: IntegratedGradients(twin).attribute(
-            xb, baselines=black, target=tb, n_steps=n_steps, internal_batch_size=batch_size * 10),
-            1),
+        "integrated_gradients": (
+            lambda xb, tb: IntegratedGradients(twin).attribute(
+                xb, baselines=black, target=tb, n_steps=n_steps, internal_batch_size=batch_size * 10
+            ),
+            1,
+        ),
     }
     rows = []
     for name, (fn, reps) in specs.items():
         first, median, times = timeit(chunks(fn), reps)
-        rows.append({"name": f"captum {name} (torch {torch.__version__})", "method": name,
-                     "first_s": first, "median_s": median, "times": times,
-                     "images_per_s": x.shape[0] / median})
+        rows.append(
+            {
+                "name": f"captum {name} (torch {torch.__version__})",
+                "method": name,
+                "first_s": first,
+                "median_s": median,
+                "times": times,
+                "images_per_s": x.shape[0] / median,
+            }
+        )
         print(f"  captum {name}: {median:.3f} s", flush=True)
     return rows
 
@@ -225,9 +282,14 @@ def bench_score_cam_loop(model, params, x, repeats, mask_batch=16):
                 torch.relu((weights[:, None, None] * acts[0]).sum(0))
 
     first, median, times = timeit(run, repeats)
-    return {"name": f"Score-CAM per-image loop (torch, masks in batches of {mask_batch})",
-            "method": "score_cam", "first_s": first, "median_s": median, "times": times,
-            "images_per_s": x.shape[0] / median}
+    return {
+        "name": f"Score-CAM per-image loop (torch, masks in batches of {mask_batch})",
+        "method": "score_cam",
+        "first_s": first,
+        "median_s": median,
+        "times": times,
+        "images_per_s": x.shape[0] / median,
+    }
 
 
 def markdown(results) -> str:
@@ -248,16 +310,25 @@ def markdown(results) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="train,explain", help="comma-separated: train, explain")
-    p.add_argument("--methods", default=",".join(explain.METHODS),
-                   help="methods for the explain section")
+    p.add_argument(
+        "--methods", default=",".join(explain.METHODS), help="methods for the explain section"
+    )
     p.add_argument("--repeats", type=cli.positive_int, default=5)
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit/captum")
     p.add_argument("--captum", action="store_true", help="also time captum (minutes on a CPU)")
-    p.add_argument("--images", type=cli.positive_int, default=10000,
-                   help="test images to explain (default: all 10,000)")
-    p.add_argument("--out", type=Path, default=Path("docs/benchmark"),
-                   help="output stem: writes STEM.json and STEM.md")
+    p.add_argument(
+        "--images",
+        type=cli.positive_int,
+        default=10000,
+        help="test images to explain (default: all 10,000)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/benchmark"),
+        help="output stem: writes STEM.json and STEM.md",
+    )
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
     methods = args.methods.split(",")
@@ -279,9 +350,11 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     results = {
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-                   f"{__import__('os').cpu_count()} CPUs)",
-        "jax": jax.__version__, "device": f"{device.platform}:{device.device_kind}",
-        "rows": [], "ratios": {},
+        f"{__import__('os').cpu_count()} CPUs)",
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{device.device_kind}",
+        "rows": [],
+        "ratios": {},
     }
     if "train" in sections:
         print("train ...", flush=True)
@@ -301,7 +374,8 @@ def main(argv=None) -> int:
         by = {r["method"]: r for r in rows}
         if "lrp" in by and "saliency" in by:
             results["ratios"]["LRP time / saliency time"] = (
-                by["lrp"]["median_s"] / by["saliency"]["median_s"])
+                by["lrp"]["median_s"] / by["saliency"]["median_s"]
+            )
         if peers and "lrp" in by:
             z = bench_zennit(model, params, x, max(1, min(args.repeats, 3)))
             results["rows"].append(z)
@@ -312,12 +386,14 @@ def main(argv=None) -> int:
                 results["rows"].append(row)
                 if row["method"] in wanted:
                     results["ratios"][f"captum {row['method']} time / JAX time"] = (
-                        row["median_s"] / by[row["method"]]["median_s"])
+                        row["median_s"] / by[row["method"]]["median_s"]
+                    )
         if peers and "score_cam" in by:
             loop = bench_score_cam_loop(model, params, x, 1)
             results["rows"].append(loop)
             results["ratios"]["Score-CAM per-image loop time / JAX time"] = (
-                loop["median_s"] / by["score_cam"]["median_s"])
+                loop["median_s"] / by["score_cam"]["median_s"]
+            )
     md = markdown(results)
     print(md)
     atomic_write_json(args.out.with_suffix(".json"), results)

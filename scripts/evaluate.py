@@ -26,8 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="all", help="comma-separated method names, or all")
     p.add_argument("--composites", default="all", help="comma-separated LRP composites, or all")
     p.add_argument("--n", type=cli.positive_int, default=1000, help="test digits to evaluate")
-    p.add_argument("--n-randomization", type=cli.positive_int, default=100,
-                   help="digits for the randomization cascade (it re-explains 5 times)")
+    p.add_argument(
+        "--n-randomization",
+        type=cli.positive_int,
+        default=100,
+        help="digits for the randomization cascade (it re-explains 5 times)",
+    )
     p.add_argument("--patch", type=cli.positive_int, default=2, help="pixel-flipping patch side")
     p.add_argument("--steps", type=cli.positive_int, default=32, help="pixel-flipping steps")
     p.add_argument("--out", type=Path, default=None, help="folder (default RUN/evaluation)")
@@ -41,15 +45,25 @@ def main(argv=None) -> int:
 
     run = args.run or latest_run()
     if run is None:
-        p.exit(1, f"{p.prog}: error: no trained run in runs/; train one first: python scripts/train.py\n")
+        p.exit(
+            1,
+            f"{p.prog}: error: no trained run in runs/; train one first: python scripts/train.py\n",
+        )
     if not run.is_dir():
         p.exit(1, f"{p.prog}: error: run folder {run} does not exist\n")
     with cli.one_line_errors(p):
         results = evaluate_run(
-            run, methods=_names(args.methods), composites=_names(args.composites), n=args.n,
-            n_randomization=min(args.n_randomization, args.n), patch=args.patch,
-            n_steps=args.steps, out=args.out, data_dir=args.data_dir,
-            data_source=args.data_source, progress=not args.no_progress,
+            run,
+            methods=_names(args.methods),
+            composites=_names(args.composites),
+            n=args.n,
+            n_randomization=min(args.n_randomization, args.n),
+            patch=args.patch,
+            n_steps=args.steps,
+            out=args.out,
+            data_dir=args.data_dir,
+            data_source=args.data_source,
+            progress=not args.no_progress,
         )
     print(evaluation_markdown(results))
     print(f"wrote {args.out or run / 'evaluation'}")

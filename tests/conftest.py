@@ -28,7 +28,7 @@ def random_params(model, seed=0, bias_scale=0.1, dtype=jnp.float64):
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
     out = []
-    for (path, leaf), k in zip(leaves, keys):
+    for (path, leaf), k in zip(leaves, keys, strict=True):
         if path[-1].key == "bias":
             leaf = bias_scale * jax.random.normal(k, leaf.shape)
         out.append(jnp.asarray(leaf, dtype))
@@ -67,6 +67,7 @@ def tiny_run(tmp_path_factory, mnist):
     from lenet_jax.train import TrainConfig
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    train_and_evaluate(LeNet5(), TrainConfig(epochs=1), run, train_limit=2000, figures=False,
-                       progress=False)
+    train_and_evaluate(
+        LeNet5(), TrainConfig(epochs=1), run, train_limit=2000, figures=False, progress=False
+    )
     return run

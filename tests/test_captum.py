@@ -24,7 +24,15 @@ def case(request):
     x = jnp.asarray((pixels - 0.1307) / 0.3081)
     target = jnp.array([0, 3, 5, 7, 9])
     twin = torch_twin(model, params)
-    return model, params, x, target, twin, torch.tensor(to_nchw(x)), torch.tensor(np.asarray(target))
+    return (
+        model,
+        params,
+        x,
+        target,
+        twin,
+        torch.tensor(to_nchw(x)),
+        torch.tensor(np.asarray(target)),
+    )
 
 
 def close(ours, theirs_nchw):
@@ -34,11 +42,17 @@ def close(ours, theirs_nchw):
 
 def test_saliency_and_gradient_x_input_equal_captum(case):
     model, params, x, t, twin, xt, tt = case
-    close(explain.saliency(model, params, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt))
-    close(explain.saliency(model, params, x, t, absolute=False),
-          captum_attr.Saliency(twin).attribute(xt, target=tt, abs=False))
-    close(explain.gradient_x_input(model, params, x, t),
-          captum_attr.InputXGradient(twin).attribute(xt, target=tt))
+    close(
+        explain.saliency(model, params, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt)
+    )
+    close(
+        explain.saliency(model, params, x, t, absolute=False),
+        captum_attr.Saliency(twin).attribute(xt, target=tt, abs=False),
+    )
+    close(
+        explain.gradient_x_input(model, params, x, t),
+        captum_attr.InputXGradient(twin).attribute(xt, target=tt),
+    )
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
@@ -47,7 +61,8 @@ def test_integrated_gradients_equal_captum(case, method):
     base = normalized_range()[0]
     ours = explain.integrated_gradients(model, params, x, t, n_steps=32, method=method)
     theirs = captum_attr.IntegratedGradients(twin).attribute(
-        xt, baselines=base, target=tt, n_steps=32, method=method)
+        xt, baselines=base, target=tt, n_steps=32, method=method
+    )
     if method == "riemann_trapezoid":
         # captum's trapezoid steps are 1/n with halved ends (they sum to (n-1)/n); ours are the
         # trapezoid rule's 1/(n-1), which sum to 1: the same points, weights scaled by n/(n-1).
@@ -60,5 +75,6 @@ def test_occlusion_equals_captum(case):
     base = normalized_range()[0]
     ours = explain.occlusion(model, params, x, t, window=4, stride=2)
     theirs = captum_attr.Occlusion(twin).attribute(
-        xt, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=base, target=tt)
+        xt, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=base, target=tt
+    )
     close(ours, theirs)

@@ -15,33 +15,58 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def run_script(name, *args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.slow
 def test_explain_lrp_writes_heatmaps_relevance_and_feature_maps(tiny_run, tmp_path):
     out = tmp_path / "lrp.png"
-    r = run_script("explain.py", "--method", "lrp", "--run", tiny_run, "--n", 4, "--layer", "conv2",
-                   "--out", out)
+    r = run_script(
+        "explain.py",
+        "--method",
+        "lrp",
+        "--run",
+        tiny_run,
+        "--n",
+        4,
+        "--layer",
+        "conv2",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == PNG
     assert (tmp_path / "lrp_conv2.png").read_bytes()[:8] == PNG
     saved = np.load(tmp_path / "lrp.npz")
     assert saved["attribution"].shape == (4, 32, 32)
     np.testing.assert_array_equal(saved["indices"], [0, 1, 2, 3])
-    np.testing.assert_allclose(saved["relevance_sum"], saved["attribution"].reshape(4, -1).sum(1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        saved["relevance_sum"], saved["attribution"].reshape(4, -1).sum(1), rtol=1e-5
+    )
 
 
 @pytest.mark.slow
 def test_explain_all_draws_every_method(tiny_run, tmp_path):
-    r = run_script("explain.py", "--method", "all", "--run", tiny_run, "--n", 4, "--out",
-                   tmp_path / "all.png")
+    r = run_script(
+        "explain.py", "--method", "all", "--run", tiny_run, "--n", 4, "--out", tmp_path / "all.png"
+    )
     assert r.returncode == 0, r.stderr
     saved = np.load(tmp_path / "all.npz")
-    for name in ("lrp", "saliency", "smoothgrad", "integrated_gradients", "grad_cam", "score_cam",
-                 "occlusion", "gradient_x_input"):
+    for name in (
+        "lrp",
+        "saliency",
+        "smoothgrad",
+        "integrated_gradients",
+        "grad_cam",
+        "score_cam",
+        "occlusion",
+        "gradient_x_input",
+    ):
         assert saved[name].shape == (4, 32, 32)
     assert (saved["pred"] != saved["labels"]).sum() >= 1  # the mix shows a misclassified digit
 
@@ -49,8 +74,9 @@ def test_explain_all_draws_every_method(tiny_run, tmp_path):
 def test_explain_without_a_run_says_to_train_first(tmp_path):
     r = run_script("explain.py", "--method", "lrp", cwd=tmp_path)
     assert r.returncode == 1
-    assert r.stderr.strip() == ("explain.py: error: no trained run in runs/; train one first: "
-                                "python scripts/train.py")
+    assert r.stderr.strip() == (
+        "explain.py: error: no trained run in runs/; train one first: python scripts/train.py"
+    )
 
 
 def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
@@ -58,7 +84,10 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     assert r.returncode == 1 and "run folder" in r.stderr and "does not exist" in r.stderr
     r = run_script("explain.py", "--run", tiny_run, "--out", tmp_path / "x.jpg", "--n", 2)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"explain.py: error: --out must name a .png file, got {tmp_path / 'x.jpg'}"
+    assert (
+        r.stderr.strip()
+        == f"explain.py: error: --out must name a .png file, got {tmp_path / 'x.jpg'}"
+    )
     r = run_script("explain.py", "--method", "lime")
     assert r.returncode == 2 and "invalid choice: 'lime'" in r.stderr
     assert list(tmp_path.iterdir()) == []
@@ -66,8 +95,15 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_run_writes_tables_and_figures(tiny_run, tmp_path):
-    results = evaluate_run(tiny_run, methods=["saliency", "lrp"], composites=["epsilon_plus"],
-                           n=16, n_randomization=4, out=tmp_path, progress=False)
+    results = evaluate_run(
+        tiny_run,
+        methods=["saliency", "lrp"],
+        composites=["epsilon_plus"],
+        n=16,
+        n_randomization=4,
+        out=tmp_path,
+        progress=False,
+    )
     assert [r["method"] for r in results["rows"]] == ["saliency", "lrp:epsilon_plus"]
     for row in results["rows"]:
         assert -1 <= row["faithfulness_corr"] <= 1 and 0 <= row["sparseness"] <= 1

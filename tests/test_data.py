@@ -101,7 +101,9 @@ def test_real_mnist_is_verified_and_shaped(mnist):
     (train_x, train_y), (test_x, test_y) = mnist["train"], mnist["test"]
     assert train_x.shape == (60000, 28, 28) and train_x.dtype == np.uint8
     assert test_x.shape == (10000, 28, 28) and test_y.shape == (10000,)
-    np.testing.assert_array_equal(np.bincount(test_y), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    np.testing.assert_array_equal(
+        np.bincount(test_y), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    )
     assert int(train_y[0]) == 5 and int(test_y[0]) == 7
 
 
@@ -127,3 +129,20 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert path.read_bytes() == b"abc"
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
     assert [p.name for p in path.parent.iterdir()] == ["f.bin"]
+
+
+def test_a_corrupt_cached_file_is_replaced_by_a_verified_download(tmp_path, monkeypatch):
+    labels = np.zeros(10000, np.uint8)
+    good = idx_bytes(labels)
+    names = data.FILES["test"]
+    monkeypatch.setitem(data.SHA256, names[1], data.sha256(good))
+    monkeypatch.setitem(
+        data.SHA256, names[0], data.sha256(idx_bytes(np.zeros((10000, 28, 28), np.uint8)))
+    )
+    (tmp_path / names[0]).write_bytes(idx_bytes(np.zeros((10000, 28, 28), np.uint8)))
+    (tmp_path / names[1]).write_bytes(good[:-5])  # truncated: fails its checksum
+    monkeypatch.setattr(data, "_download", lambda url, **kw: gzip.compress(good))
+    images, out = data.load_mnist("test", data_dir=tmp_path, progress=False)
+    assert images.shape == (10000, 28, 28)
+    np.testing.assert_array_equal(out, labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

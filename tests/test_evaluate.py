@@ -27,8 +27,9 @@ class Linear(SequentialModel):
 @pytest.fixture
 def linear():
     model = Linear()
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
-                                    init_params(model, jax.random.key(0)))
+    params = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float64), init_params(model, jax.random.key(0))
+    )
     x = jax.random.normal(jax.random.key(1), (6, 16, 16, 1), jnp.float64)
     target = jnp.array([0, 1, 2, 0, 1, 2])
     w = params["fc"]["kernel"][:, target].T.reshape(6, 16, 16, 1)
@@ -42,7 +43,8 @@ def test_morf_curve_is_the_greedy_cumulative_sum_of_true_contributions(linear):
     logits = model.apply({"params": params}, x)[jnp.arange(6), target]
     contributions = -np.sort(-np.asarray(exact).reshape(6, -1), axis=1)
     expected = np.asarray(logits)[:, None] - np.concatenate(
-        [np.zeros((6, 1)), np.cumsum(contributions, axis=1)], axis=1)
+        [np.zeros((6, 1)), np.cumsum(contributions, axis=1)], axis=1
+    )
     np.testing.assert_allclose(out["logit"], expected, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(out["aopc"], (out["prob"][:, :1] - out["prob"]).mean(1), rtol=1e-12)
     assert out["fraction"][0] == 0 and out["fraction"][-1] == 1
@@ -65,8 +67,12 @@ def test_random_attribution_gives_morf_close_to_lerf():
     x = jax.random.normal(jax.random.key(4), (64, 32, 32, 1))
     target = jnp.argmax(model.apply({"params": params}, x), 1)
     noise = evaluate.random_attribution(x, jax.random.key(9))
-    morf = evaluate.pixel_flipping(model, params, x, target, noise, order="morf", patch=4, n_steps=8)
-    lerf = evaluate.pixel_flipping(model, params, x, target, noise, order="lerf", patch=4, n_steps=8)
+    morf = evaluate.pixel_flipping(
+        model, params, x, target, noise, order="morf", patch=4, n_steps=8
+    )
+    lerf = evaluate.pixel_flipping(
+        model, params, x, target, noise, order="lerf", patch=4, n_steps=8
+    )
     gap = np.asarray(morf["logit"] - lerf["logit"]).mean(0)
     spread = np.asarray(morf["logit"]).std(0) / np.sqrt(64)
     assert np.all(np.abs(gap) <= 4 * spread + 1e-6)
@@ -77,8 +83,16 @@ def test_faithfulness_correlation_is_one_for_the_truth_and_small_for_noise(linea
     corr = evaluate.faithfulness_correlation(model, params, x, target, exact, subset_size=40)
     np.testing.assert_allclose(corr, 1.0, rtol=1e-9)
     noise = evaluate.random_attribution(x, jax.random.key(2))
-    assert abs(float(evaluate.faithfulness_correlation(
-        model, params, x, target, noise, subset_size=40).mean())) < 0.3
+    assert (
+        abs(
+            float(
+                evaluate.faithfulness_correlation(
+                    model, params, x, target, noise, subset_size=40
+                ).mean()
+            )
+        )
+        < 0.3
+    )
 
 
 def test_randomizing_the_only_layer_decorrelates_saliency(linear):
@@ -88,7 +102,9 @@ def test_randomizing_the_only_layer_decorrelates_saliency(linear):
     assert out["layers"] == ["fc"]
     assert out["similarity"].shape == (1, 6) and out["attributions"].shape == (2, 6, 16, 16)
     assert abs(float(out["similarity"].mean())) < 0.25
-    same = evaluate.randomization_cascade(model, params, x, target, lambda p, v, t: fn(params, v, t))
+    same = evaluate.randomization_cascade(
+        model, params, x, target, lambda p, v, t: fn(params, v, t)
+    )
     np.testing.assert_allclose(same["similarity"], 1.0)
 
 
@@ -126,8 +142,9 @@ def test_conservation_error_of_exact_relevance_is_zero(linear):
     model, params, x, target, _ = linear
     zero_bias = {"fc": {"kernel": params["fc"]["kernel"], "bias": jnp.zeros(3)}}
     w = zero_bias["fc"]["kernel"][:, target].T.reshape(6, 16, 16, 1)
-    np.testing.assert_allclose(evaluate.conservation_error(model, zero_bias, x, target, w * x),
-                               0.0, atol=1e-12)
+    np.testing.assert_allclose(
+        evaluate.conservation_error(model, zero_bias, x, target, w * x), 0.0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,7 +165,8 @@ def test_bad_flipping_arguments(kwargs, message, linear):
 def test_replacements_change_the_curve_but_not_step_zero(replacement, linear):
     model, params, x, target, exact = linear
     black = evaluate.pixel_flipping(model, params, x, target, exact, n_steps=4)
-    other = evaluate.pixel_flipping(model, params, x, target, exact, n_steps=4,
-                                    replacement=replacement)
+    other = evaluate.pixel_flipping(
+        model, params, x, target, exact, n_steps=4, replacement=replacement
+    )
     np.testing.assert_array_equal(black["logit"][:, 0], other["logit"][:, 0])
     assert not np.allclose(black["logit"][:, -1], other["logit"][:, -1])

@@ -38,8 +38,10 @@ def test_saliency_equals_central_finite_differences(setup):
 
 def test_gradient_x_input_equals_lrp_epsilon_on_a_relu_net_without_biases(setup):
     model = LeNet5(activation="relu", pool="max")
-    params = {k: {"kernel": v["kernel"], "bias": jnp.zeros_like(v["bias"])}
-              for k, v in random_params(model, seed=4).items()}
+    params = {
+        k: {"kernel": v["kernel"], "bias": jnp.zeros_like(v["bias"])}
+        for k, v in random_params(model, seed=4).items()
+    }
     x = setup[2]
     gxi = explain.gradient_x_input(model, params, x)
     relevance = explain.lrp(model, params, x, composite="epsilon", epsilon=1e-12)
@@ -75,8 +77,9 @@ def test_smoothgrad_variants_and_chunking_agree(setup):
 @pytest.mark.parametrize("method", ["riemann_trapezoid", "gausslegendre", "riemann_middle"])
 def test_integrated_gradients_complete_within_one_percent(setup, method):
     model, params, x = setup
-    ig, gap = explain.integrated_gradients(model, params, x, n_steps=64, method=method,
-                                           return_gap=True)
+    ig, gap = explain.integrated_gradients(
+        model, params, x, n_steps=64, method=method, return_gap=True
+    )
     x0 = jnp.full_like(x, normalized_range()[0])
     t = jnp.argmax(model.apply({"params": params}, x), 1)
     delta = logit(model, params, x, t) - logit(model, params, x0, t)
@@ -101,8 +104,9 @@ def test_grad_cam_matches_the_papers_definition(setup):
     low = explain.grad_cam(model, params, x, t, upsample=False)
     chex.assert_shape(low, (4, 10, 10))
     for i in range(4):
-        np.testing.assert_allclose(low[i], slow_grad_cam(model, params, x[i], int(t[i])),
-                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            low[i], slow_grad_cam(model, params, x[i], int(t[i])), rtol=1e-9, atol=1e-12
+        )
     up = explain.grad_cam(model, params, x, t, normalize=True)
     chex.assert_shape(up, (4, 32, 32))
     assert float(up.min()) >= 0.0 and np.allclose(up.max((1, 2)), 1.0)
@@ -148,7 +152,8 @@ def test_every_method_is_jittable_batch_consistent_and_finite(name, setup):
         opts = {"n_steps": 8}
     eager = explain.attribute(name, model, params, x, jnp.array([1, 1, 2, 3]), **opts)
     jitted = jax.jit(lambda p, v, t: explain.attribute(name, model, p, v, t, **opts))(
-        params, x, jnp.array([1, 1, 2, 3]))
+        params, x, jnp.array([1, 1, 2, 3])
+    )
     np.testing.assert_allclose(jitted, eager, rtol=1e-9, atol=1e-12)
     expected = x.shape[:3] if name in explain.CAM_METHODS else x.shape
     chex.assert_shape(eager, expected)
@@ -162,5 +167,7 @@ def test_unknown_method_and_layer_list_the_choices(setup):
     model, params, x = setup
     with pytest.raises(ValueError, match=r"unknown method 'lime'; choose one of \['grad_cam'"):
         explain.attribute("lime", model, params, x)
-    with pytest.raises(ValueError, match=r"unknown conv layer 'fc1'; choose one of \['conv1', 'conv2'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown conv layer 'fc1'; choose one of \['conv1', 'conv2'\]"
+    ):
         explain.grad_cam(model, params, x, layer="fc1")

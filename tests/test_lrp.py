@@ -121,10 +121,13 @@ def test_rule_matches_the_slow_float64_definition(case, layer_name):
 
 
 def test_zbox_accepts_per_pixel_bounds():
-    layer, params = Conv("c", 2, (3, 3)), {
-        "kernel": jax.random.normal(jax.random.key(0), (3, 3, 1, 2), jnp.float64),
-        "bias": jnp.zeros(2, jnp.float64),
-    }
+    layer, params = (
+        Conv("c", 2, (3, 3)),
+        {
+            "kernel": jax.random.normal(jax.random.key(0), (3, 3, 1, 2), jnp.float64),
+            "bias": jnp.zeros(2, jnp.float64),
+        },
+    )
     x = jax.random.uniform(jax.random.key(1), (2, 5, 5, 1), jnp.float64)
     low = jnp.zeros((5, 5, 1)).at[2, 2, 0].set(-1.0).at[1, 3, 0].set(-2.0)
     r = jnp.ones((2, 3, 3, 2), jnp.float64)
@@ -133,8 +136,9 @@ def test_zbox_accepts_per_pixel_bounds():
     assert not np.allclose(per_pixel, scalar)
     W = dense_matrix(layer, params, (5, 5, 1))
     lo = np.asarray(low).ravel()
-    ref = ref_rule("zbox", W, np.zeros(18), np.asarray(x[0]).ravel(), np.ones(18), low=lo,
-                   high=np.ones(25))
+    ref = ref_rule(
+        "zbox", W, np.zeros(18), np.asarray(x[0]).ravel(), np.ones(18), low=lo, high=np.ones(25)
+    )
     np.testing.assert_allclose(np.asarray(per_pixel[0]).ravel(), ref, rtol=1e-9)
 
 
@@ -146,7 +150,9 @@ def test_stabilizer_treats_zero_as_positive():
 
 
 def zero_bias(params):
-    return {k: {"kernel": v["kernel"], "bias": jnp.zeros_like(v["bias"])} for k, v in params.items()}
+    return {
+        k: {"kernel": v["kernel"], "bias": jnp.zeros_like(v["bias"])} for k, v in params.items()
+    }
 
 
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))
@@ -154,12 +160,13 @@ def zero_bias(params):
 def test_conservation_layer_by_layer_with_zero_biases(composite, activation, pool, x64_batch):
     model = LeNet5(activation=activation, pool=pool)
     params = zero_bias(random_params(model, seed=3))
-    rels = lrp_layerwise(model, params, x64_batch, composite=composite, epsilon=1e-12,
-                         stabilizer=1e-12)
+    rels = lrp_layerwise(
+        model, params, x64_batch, composite=composite, epsilon=1e-12, stabilizer=1e-12
+    )
     logits = model.apply({"params": params}, x64_batch)
     target_logit = jnp.max(logits, axis=1)
     sums = conservation(rels)
-    assert set(sums) == {"input"} | {l.name for l in model.layers}
+    assert set(sums) == {"input"} | {layer.name for layer in model.layers}
     for name, s in sums.items():
         np.testing.assert_allclose(s, target_logit, rtol=1e-5, err_msg=name)
 
@@ -188,8 +195,13 @@ def test_targets_none_int_and_array_agree(x64_batch, lenet):
 
 def test_user_composite_mapping_equals_the_named_composite(x64_batch, lenet):
     params = random_params(lenet)
-    mapping = {"conv1": "flat", "conv2": "zplus", "fc1": "epsilon", "fc2": "epsilon",
-               "fc3": R.Epsilon(1e-6)}
+    mapping = {
+        "conv1": "flat",
+        "conv2": "zplus",
+        "fc1": "epsilon",
+        "fc2": "epsilon",
+        "fc3": R.Epsilon(1e-6),
+    }
     np.testing.assert_array_equal(
         lrp(lenet, params, x64_batch, composite=mapping),
         lrp(lenet, params, x64_batch, composite="epsilon_plus_flat"),
@@ -202,11 +214,30 @@ def test_user_composite_mapping_equals_the_named_composite(x64_batch, lenet):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"composite": "epsilon_minus"}, r"unknown composite 'epsilon_minus'; choose one of \['epsilon'"),
-        ({"composite": {"conv1": "zminus", "conv2": "zplus", "fc1": "epsilon", "fc2": "epsilon",
-                        "fc3": "epsilon"}}, r"unknown LRP rule 'zminus'; choose one of"),
-        ({"composite": {"conv9": "zplus"}}, r"composite names unknown layers \['conv9'\]; the layers are \['conv1'"),
-        ({"composite": {"conv1": "flat"}}, r"composite gives no rule for the layers \['conv2', 'fc1'"),
+        (
+            {"composite": "epsilon_minus"},
+            r"unknown composite 'epsilon_minus'; choose one of \['epsilon'",
+        ),
+        (
+            {
+                "composite": {
+                    "conv1": "zminus",
+                    "conv2": "zplus",
+                    "fc1": "epsilon",
+                    "fc2": "epsilon",
+                    "fc3": "epsilon",
+                }
+            },
+            r"unknown LRP rule 'zminus'; choose one of",
+        ),
+        (
+            {"composite": {"conv9": "zplus"}},
+            r"composite names unknown layers \['conv9'\]; the layers are \['conv1'",
+        ),
+        (
+            {"composite": {"conv1": "flat"}},
+            r"composite gives no rule for the layers \['conv2', 'fc1'",
+        ),
         ({"target": 10}, r"target 10 out of range: the model has classes 0..9"),
         ({"target": -1}, r"target -1 out of range"),
         ({"target": jnp.array([1, 2])}, r"target must be a scalar or have shape \[8\]"),
@@ -218,7 +249,10 @@ def test_bad_arguments_name_the_valid_choices(kwargs, message, x64_batch, lenet)
 
 
 def test_wrong_input_shape_is_rejected(lenet):
-    with pytest.raises(ValueError, match=r"expected a normalized NHWC batch of shape \[B, 32, 32, 1\], got \(4, 28, 28\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected a normalized NHWC batch of shape \[B, 32, 32, 1\], got \(4, 28, 28\)",
+    ):
         lrp(lenet, random_params(lenet), jnp.zeros((4, 28, 28)))
     with pytest.raises(ValueError, match="AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1"):
         R.AlphaBeta(2.0, 2.0)

@@ -27,15 +27,24 @@ def test_lenet5_has_the_faithful_parameter_count_and_names():
 
 
 def test_layer_sequence_is_discoverable_and_faithful():
-    kinds = [(l.name, l.kind) for l in LeNet5().layers]
+    kinds = [(layer.name, layer.kind) for layer in LeNet5().layers]
     assert kinds == [
-        ("conv1", "conv"), ("act1", "activation"), ("pool1", "avg_pool"), ("conv2", "conv"),
-        ("act2", "activation"), ("pool2", "avg_pool"), ("flatten", "flatten"), ("fc1", "dense"),
-        ("act3", "activation"), ("fc2", "dense"), ("act4", "activation"), ("fc3", "dense"),
+        ("conv1", "conv"),
+        ("act1", "activation"),
+        ("pool1", "avg_pool"),
+        ("conv2", "conv"),
+        ("act2", "activation"),
+        ("pool2", "avg_pool"),
+        ("flatten", "flatten"),
+        ("fc1", "dense"),
+        ("act3", "activation"),
+        ("fc2", "dense"),
+        ("act4", "activation"),
+        ("fc3", "dense"),
     ]
     relu_max = LeNet5(activation="relu", pool="max").layers
-    assert {l.fn for l in relu_max if l.kind == "activation"} == {"relu"}
-    assert [l.kind for l in relu_max].count("max_pool") == 2
+    assert {layer.fn for layer in relu_max if layer.kind == "activation"} == {"relu"}
+    assert [layer.kind for layer in relu_max].count("max_pool") == 2
 
 
 @pytest.mark.parametrize("activation,pool", [("tanh", "avg"), ("relu", "max")])
@@ -74,4 +83,4 @@ def test_model_config_round_trips_and_bad_options_are_rejected():
     with pytest.raises(ValueError, match="unknown pool"):
         LeNet5(pool="median")
     with pytest.raises(ValueError, match="unknown activation"):
-        LeNet5(activation="gelu").layers
+        _ = LeNet5(activation="gelu").layers

@@ -32,10 +32,14 @@ from lenet_jax.train import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fresh_state(config=TrainConfig(), steps=100, seed=0):
+def fresh_state(config=None, steps=100, seed=0):
+    config = config or TrainConfig()
     model = LeNet5()
     return create_train_state(
-        model, init_params(model, jax.random.key(seed)), make_optimizer(config, steps), jax.random.key(1)
+        model,
+        init_params(model, jax.random.key(seed)),
+        make_optimizer(config, steps),
+        jax.random.key(1),
     )
 
 
@@ -66,7 +70,11 @@ def test_train_step_compiles_once_and_decreases_the_loss(mnist):
     losses = []
     for _ in range(3):
         for i in range(idx.shape[0]):
-            batch = {"image": preprocess(images[idx[i]]), "label": labels[idx[i]], "weight": weight[i]}
+            batch = {
+                "image": preprocess(images[idx[i]]),
+                "label": labels[idx[i]],
+                "weight": weight[i],
+            }
             state, m = step(state, batch)
             losses.append(float(m["loss_sum"] / m["count"]))
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
@@ -81,8 +89,14 @@ def test_python_loop_and_scan_epochs_agree(mnist):
         state = fresh_state()
         for epoch in range(2):
             state, sums = train_epoch(
-                state, images, labels, epoch=epoch, data_key=jax.random.key(5), batch_size=64,
-                loop=loop, fns=fns,
+                state,
+                images,
+                labels,
+                epoch=epoch,
+                data_key=jax.random.key(5),
+                batch_size=64,
+                loop=loop,
+                fns=fns,
             )
         results[loop] = (state, sums)
         name = "step" if loop == "python" else "scan"
@@ -114,11 +128,18 @@ def test_checkpoint_round_trip_and_architecture_mismatch(tmp_path):
     restored = checkpoint.restore_state(fresh_state(seed=7), payload, found_meta, meta["model"])
     chex.assert_trees_all_equal(restored.params, state.params)
     chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds lenet5\(activation='tanh'.*but lenet5\(activation='relu'"):
-        checkpoint.restore_state(state, payload, found_meta, model_config(LeNet5(activation="relu")))
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"holds lenet5\(activation='tanh'.*but lenet5\(activation='relu'",
+    ):
+        checkpoint.restore_state(
+            state, payload, found_meta, model_config(LeNet5(activation="relu"))
+        )
     # a torn write (state without its JSON, or a JSON whose hash does not match) is not used
     (tmp_path / "checkpoints" / "epoch_002.msgpack").write_bytes(b"partial")
-    (tmp_path / "checkpoints" / "epoch_003.json").write_text('{"state_file": "epoch_002.msgpack", "sha256": "0"}')
+    (tmp_path / "checkpoints" / "epoch_003.json").write_text(
+        '{"state_file": "epoch_002.msgpack", "sha256": "0"}'
+    )
     assert checkpoint.latest_checkpoint(tmp_path)[0]["epoch"] == 1
 
 
@@ -138,7 +159,9 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     monkeypatch.setattr(experiment, "train_epoch", nan_in_epoch_two)
     config = TrainConfig(epochs=3, batch_size=64)
     with pytest.raises(TrainingDiverged, match=r"became nan in epoch 2.*checkpoint \(epoch 1\)"):
-        train_and_evaluate(LeNet5(), config, tmp_path, train_limit=256, figures=False, progress=False)
+        train_and_evaluate(
+            LeNet5(), config, tmp_path, train_limit=256, figures=False, progress=False
+        )
     assert checkpoint.latest_checkpoint(tmp_path)[0]["epoch"] == 1
     assert not (tmp_path / "metrics.json").exists()
 
@@ -156,8 +179,19 @@ def test_one_epoch_on_mnist_reaches_97_percent(mnist, tmp_path):
 
 
 def _train_cmd(out, *extra):
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(out), "--epochs", "3",
-            "--train-limit", "3200", "--no-figures", "--no-progress", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--train-limit",
+        "3200",
+        "--no-figures",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _final_params(run):
@@ -169,8 +203,12 @@ def _final_params(run):
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, mnist):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run(_train_cmd(tmp_path / "full"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path / "killed"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = tmp_path / "killed" / "checkpoints" / "epoch_001.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -179,8 +217,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, mnist):
     proc.wait()
     epoch_at_kill = checkpoint.latest_checkpoint(tmp_path / "killed")[0]["epoch"]
     assert epoch_at_kill < 3, "the run finished before it could be killed"
-    resumed = subprocess.run(_train_cmd(tmp_path / "killed", "--resume"), env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _train_cmd(tmp_path / "killed", "--resume"), env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming {tmp_path / 'killed'} after epoch {epoch_at_kill}" in resumed.stdout
     epoch_a, full = _final_params(tmp_path / "full")
@@ -198,17 +237,33 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, mnist):
     ],
 )
 def test_train_cli_rejects_bad_flags_in_one_line(args, message, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--out",
-                        str(tmp_path / "r"), *args], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(tmp_path / "r"), *args],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert message in r.stderr and r.stderr.strip().splitlines()[-1].startswith("train.py: error:")
     assert not (tmp_path / "r").exists()
 
 
 def test_train_cli_refuses_a_checkpoint_of_another_architecture(tmp_path):
-    checkpoint.save_checkpoint(tmp_path, fresh_state(), {"epoch": 1, "model": model_config(LeNet5())})
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(tmp_path),
-                        "--resume", "--activation", "relu"], capture_output=True, text=True)
+    checkpoint.save_checkpoint(
+        tmp_path, fresh_state(), {"epoch": 1, "model": model_config(LeNet5())}
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "--out",
+            str(tmp_path),
+            "--resume",
+            "--activation",
+            "relu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "train.py: error: checkpoint holds lenet5(activation='tanh', num_classes=10, pool='avg') "

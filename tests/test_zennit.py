@@ -27,7 +27,9 @@ def zennit_composite(name, x_nchw):
         )
     if name == "epsilon_gamma_box":
         lo, hi = normalized_range()
-        return ZENNIT_COMPOSITES[name](low=torch.full_like(x_nchw, lo), high=torch.full_like(x_nchw, hi))
+        return ZENNIT_COMPOSITES[name](
+            low=torch.full_like(x_nchw, lo), high=torch.full_like(x_nchw, hi)
+        )
     return ZENNIT_COMPOSITES[name]()
 
 

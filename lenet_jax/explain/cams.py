@@ -16,12 +16,12 @@ from lenet_jax.layers import Layer
 
 def _split(layers: tuple[Layer, ...], name: str | None):
     """``(index, layer)`` of the named layer (default: the last conv)."""
-    convs = [i for i, l in enumerate(layers) if l.kind == "conv"]
+    convs = [i for i, layer in enumerate(layers) if layer.kind == "conv"]
     if name is None:
         if not convs:
             raise ValueError("the model has no conv layer for a CAM")
         return convs[-1]
-    names = [l.name for l in layers]
+    names = [layer.name for layer in layers]
     if name not in names or layers[names.index(name)].kind != "conv":
         raise ValueError(f"unknown conv layer {name!r}; choose one of {[names[i] for i in convs]}")
     return names.index(name)
@@ -52,7 +52,13 @@ def _normalize(cam_BHW):
 
 
 def grad_cam(
-    model, params, x, target=None, *, layer: str | None = None, upsample: bool = True,
+    model,
+    params,
+    x,
+    target=None,
+    *,
+    layer: str | None = None,
+    upsample: bool = True,
     normalize: bool = False,
 ):
     """Grad-CAM (Selvaraju et al., 2017): ``ReLU(Σ_k α_k A^k)``, ``α_k`` = spatial mean of
@@ -79,8 +85,16 @@ def grad_cam(
 
 
 def score_cam(
-    model, params, x, target=None, *, layer: str | None = None, upsample: bool = True,
-    normalize: bool = False, baseline_subtract: bool = False, batch_size: int | None = None,
+    model,
+    params,
+    x,
+    target=None,
+    *,
+    layer: str | None = None,
+    upsample: bool = True,
+    normalize: bool = False,
+    baseline_subtract: bool = False,
+    batch_size: int | None = None,
 ):
     """Score-CAM (Wang et al., 2020): each channel's upsampled, min-max-normalized activation masks
     the input; the target logits of the masked inputs, softmaxed over channels, weight the channels.

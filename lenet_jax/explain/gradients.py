@@ -91,7 +91,9 @@ def smoothgrad(
       ``[B, H, W, C]`` (signed for ``"smoothgrad"``).
     """
     if variant not in ("smoothgrad", "squared", "vargrad"):
-        raise ValueError(f"unknown SmoothGrad variant {variant!r}; choose smoothgrad, squared or vargrad")
+        raise ValueError(
+            f"unknown SmoothGrad variant {variant!r}; choose smoothgrad, squared or vargrad"
+        )
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     t = _prepare(model, params, x, target)

@@ -83,17 +83,21 @@ def composite_rules(
         unknown = sorted(set(composite) - set(names))
         if unknown:
             raise ValueError(f"composite names unknown layers {unknown}; the layers are {names}")
-        missing = [l.name for l in layers if l.has_params and l.name not in composite]
+        missing = [
+            layer.name for layer in layers if layer.has_params and layer.name not in composite
+        ]
         if missing:
             raise ValueError(f"composite gives no rule for the layers {missing}")
         return tuple(
-            as_rule(composite[l.name]) if l.name in composite else as_rule(BASE_RULES[l.kind])
-            for l in layers
+            as_rule(composite[layer.name])
+            if layer.name in composite
+            else as_rule(BASE_RULES[layer.kind])
+            for layer in layers
         )
     if composite not in COMPOSITES:
         raise ValueError(f"unknown composite {composite!r}; choose one of {sorted(COMPOSITES)}")
     table = COMPOSITES[composite]
-    first = next((i for i, l in enumerate(layers) if l.has_params), None)
+    first = next((i for i, layer in enumerate(layers) if layer.has_params), None)
     out = []
     for i, layer in enumerate(layers):
         if i == first:
@@ -121,7 +125,7 @@ def propagate(layers: Sequence[Layer], rules: Sequence, params, inputs, relevanc
     """
     relevances = {}
     rel = relevance_out
-    for layer, rule, x in zip(reversed(layers), reversed(rules), reversed(inputs)):
+    for layer, rule, x in zip(reversed(layers), reversed(rules), reversed(inputs), strict=True):
         relevances[layer.name] = rel
         rel = rule(layer, params[layer.name] if layer.has_params else None, x, rel)
     relevances["input"] = rel
@@ -199,8 +203,9 @@ def lrp(
     """
     from lenet_jax.explain.gradients import _chunked_map
 
-    kwargs = dict(composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high,
-                  stabilizer=stabilizer)
+    kwargs = dict(
+        composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
+    )
     if not batch_size:
         return lrp_layerwise(model, params, x, target, **kwargs)["input"]
     check_input(model, x)
