@@ -28,6 +28,23 @@ non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a nu
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def resolve_run(parser: argparse.ArgumentParser, run):
+    """The run folder to use: ``run`` if given, else the newest in ``runs/``; exits with a one-line
+    error when there is none or it does not exist."""
+    from lenet_jax.experiment import latest_run
+
+    run = run or latest_run()
+    if run is None:
+        parser.exit(
+            1,
+            f"{parser.prog}: error: no trained run in runs/; "
+            "train one first: python scripts/train.py\n",
+        )
+    if not run.is_dir():
+        parser.exit(1, f"{parser.prog}: error: run folder {run} does not exist\n")
+    return run
+
+
 @contextlib.contextmanager
 def one_line_errors(parser: argparse.ArgumentParser):
     """Turns the library's expected errors into ``prog: error: message`` and exit status 1."""

@@ -40,17 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from lenet_jax.experiment import latest_run
     from lenet_jax.report import evaluate_run, evaluation_markdown
 
-    run = args.run or latest_run()
-    if run is None:
-        p.exit(
-            1,
-            f"{p.prog}: error: no trained run in runs/; train one first: python scripts/train.py\n",
-        )
-    if not run.is_dir():
-        p.exit(1, f"{p.prog}: error: run folder {run} does not exist\n")
+    run = cli.resolve_run(p, args.run)
     with cli.one_line_errors(p):
         results = evaluate_run(
             run,
