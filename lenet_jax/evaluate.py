@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.data import normalized_range
-from lenet_jax.explain._common import logits_of
-from lenet_jax.explain.gradients import _chunked_map
+from lenet_jax.explain._common import chunked_map, logits_of
 from lenet_jax.models import init_params
 
 REPLACEMENTS = ("black", "mean", "uniform")
@@ -59,7 +58,7 @@ def _scores(model, params, xs, target, batch_size):
         pick = lambda v: jnp.take_along_axis(v, tc[:, None, None], axis=2)[..., 0]  # noqa: E731
         return pick(logits), pick(probs)
 
-    return _chunked_map(chunk, (xs, target), batch_size)
+    return chunked_map(chunk, (xs, target), batch_size)
 
 
 def pixel_flipping(
@@ -124,7 +123,7 @@ def pixel_flipping(
         xs = xc[:, None] * (1 - mask) + fc[:, None] * mask
         return _scores(model, params, xs, tc, None)
 
-    logit, prob = _chunked_map(chunk, (x, fill, rank_of, jnp.asarray(target)), batch_size)
+    logit, prob = chunked_map(chunk, (x, fill, rank_of, jnp.asarray(target)), batch_size)
     return {
         "logit": logit,
         "prob": prob,
@@ -191,7 +190,7 @@ def faithfulness_correlation(
         logit, _ = _scores(model, params, xs, tc, None)
         return _pearson(mass, logit[:, :1] - logit[:, 1:])
 
-    return _chunked_map(chunk, (x, jnp.asarray(target), heat, fill), batch_size)
+    return chunked_map(chunk, (x, jnp.asarray(target), heat, fill), batch_size)
 
 
 def sparseness(attribution):

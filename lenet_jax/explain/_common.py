@@ -63,3 +63,19 @@ def target_logit(model, params, target_B):
         return jnp.take_along_axis(logits, target_B[:, None], axis=1)[:, 0]
 
     return f
+
+
+def chunked_map(fn, xs, chunk_size: int | None):
+    """``fn`` over the leading axis of the pytree ``xs``, ``chunk_size`` at a time (``lax.map``)."""
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    if not chunk_size or chunk_size >= n:
+        return fn(xs)
+    steps = -(-n // chunk_size)
+    pad = steps * chunk_size - n
+
+    def split(a):
+        a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
+        return a.reshape(steps, chunk_size, *a.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree_util.tree_map(split, xs))
+    return jax.tree_util.tree_map(lambda a: a.reshape(steps * chunk_size, *a.shape[2:])[:n], out)

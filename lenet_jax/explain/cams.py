@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lenet_jax.explain._common import check_input, logits_of, resolve_target
+from lenet_jax.explain._common import check_input, chunked_map, logits_of, resolve_target
 from lenet_jax.layers import Layer
 
 
@@ -114,7 +114,6 @@ def score_cam(
     Returns:
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
-    from lenet_jax.explain.gradients import _chunked_map
 
     check_input(model, x)
     t = resolve_target(target, logits_of(model, params, x))
@@ -137,7 +136,7 @@ def score_cam(
             weights = jax.nn.softmax(logits[:, ti])
         return jax.nn.relu(jnp.einsum("hwk,k->hw", acts, weights))
 
-    cam = _chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), batch_size)
+    cam = chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), batch_size)
     if upsample:
         cam = _upsample(cam, hw)
     return _normalize(cam) if normalize else cam

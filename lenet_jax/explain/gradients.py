@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.data import normalized_range
-from lenet_jax.explain._common import check_input, logits_of, resolve_target, target_logit
+from lenet_jax.explain._common import (
+    check_input,
+    chunked_map,
+    logits_of,
+    resolve_target,
+    target_logit,
+)
 
 
 def _grad_of_target(model, params, x, target_B):
@@ -43,22 +49,6 @@ def gradient_x_input(model, params, x, target=None):
     """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``."""
     t = _prepare(model, params, x, target)
     return x * _grad_of_target(model, params, x, t)
-
-
-def _chunked_map(fn, xs, chunk_size: int | None):
-    """``fn`` over the leading axis of the pytree ``xs``, ``chunk_size`` at a time (``lax.map``)."""
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    if not chunk_size or chunk_size >= n:
-        return fn(xs)
-    steps = -(-n // chunk_size)
-    pad = steps * chunk_size - n
-
-    def split(a):
-        a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a
-        return a.reshape(steps, chunk_size, *a.shape[1:])
-
-    out = jax.lax.map(fn, jax.tree_util.tree_map(split, xs))
-    return jax.tree_util.tree_map(lambda a: a.reshape(steps * chunk_size, *a.shape[2:])[:n], out)
 
 
 def smoothgrad(
@@ -115,7 +105,7 @@ def smoothgrad(
             return jnp.square(grads).mean(1)
         return grads.var(1)
 
-    return _chunked_map(chunk, (x, t, keys), batch_size)
+    return chunked_map(chunk, (x, t, keys), batch_size)
 
 
 def _flat_grad(model, params, xs_BN, target_B):
@@ -167,7 +157,7 @@ def integrated_gradients(
         grads = _flat_grad(model, params, paths, tc)  # [b, n_steps, H, W, C]
         return (xc - x0c) * jnp.tensordot(weights, grads, axes=([0], [1]))
 
-    ig = _chunked_map(chunk, (x, x0, t), batch_size)
+    ig = chunked_map(chunk, (x, x0, t), batch_size)
     if not return_gap:
         return ig
     f = target_logit(model, params, t)
@@ -247,4 +237,4 @@ def occlusion(
         heat = jnp.tensordot(drops, masks[..., 0], axes=1) / coverage[None, ..., 0]  # [b, H, W]
         return jnp.broadcast_to(heat[..., None], xc.shape)
 
-    return _chunked_map(chunk, (x, t), batch_size)
+    return chunked_map(chunk, (x, t), batch_size)

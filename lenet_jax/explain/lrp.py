@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lenet_jax.data import normalized_range
 from lenet_jax.explain import rules as R
-from lenet_jax.explain._common import check_input, resolve_target
+from lenet_jax.explain._common import check_input, chunked_map, resolve_target
 from lenet_jax.layers import Layer, forward
 
 # composite name -> rule name for {"first": first conv/dense layer, "conv": ..., "dense": ...}.
@@ -201,7 +201,6 @@ def lrp(
       Relevance ``[B, H, W, C]``. The output relevance is ``one_hot(target) * logit``, so with
       ε → 0 and zero biases the relevance of each sample sums to its target logit.
     """
-    from lenet_jax.explain.gradients import _chunked_map
 
     kwargs = dict(
         composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
@@ -210,11 +209,11 @@ def lrp(
         return lrp_layerwise(model, params, x, target, **kwargs)["input"]
     check_input(model, x)
     if target is None:  # each chunk finds its own predicted classes
-        return _chunked_map(
+        return chunked_map(
             lambda xb: lrp_layerwise(model, params, xb, None, **kwargs)["input"], x, batch_size
         )
     t = resolve_target(target, jnp.zeros((x.shape[0], model.layers[-1].features)))
-    return _chunked_map(
+    return chunked_map(
         lambda a: lrp_layerwise(model, params, a[0], a[1], **kwargs)["input"], (x, t), batch_size
     )
 
