@@ -13,6 +13,7 @@ from lenet_jax import checkpoint, explain
 from lenet_jax.data import load_mnist, normalized_range, preprocess, to_pixels
 from lenet_jax.explain._common import target_logit
 from lenet_jax.io import atomic_savez
+from lenet_jax.train import predict
 
 SIGNED = {
     "lrp": True,
@@ -72,9 +73,7 @@ def explain_run(
         )
     model, params, _ = checkpoint.load_params(run_dir)
     images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
-    logits_all = np.asarray(
-        jax.jit(lambda p, i: model.apply({"params": p}, preprocess(i)))(params, jnp.asarray(images))
-    )
+    logits_all = predict(model, params, jnp.asarray(images))
     pred_all = logits_all.argmax(1)
     idx = pick_examples(pred_all, labels, n, mix_wrong=(method == "all"))
     x = preprocess(images[idx])
@@ -264,14 +263,11 @@ def evaluate_run(
         if name == "lrp":
             conservation = float(evaluate.conservation_error(model, params, x, target, attr).mean())
         elif name == "integrated_gradients":
-            _, gap = jax.jit(
-                lambda p, v, t, options=options: explain.integrated_gradients(
-                    model, p, v, t, return_gap=True, **options
-                )
-            )(params, x, target)
+            # completeness of the attribution already computed: f(x) − f(x0) − Σ IG
             f = target_logit(model, params, target)
-            delta = jnp.abs(f(x) - f(jnp.full_like(x, normalized_range()[0])))
-            conservation = float((jnp.abs(gap) / jnp.maximum(delta, 1e-12)).mean())
+            delta = f(x) - f(jnp.full_like(x, normalized_range()[0]))
+            gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
+            conservation = float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
         else:
             conservation = None
         rows.append(
