@@ -157,6 +157,7 @@ def explain_run(
 
 # The evaluated entries: every method, LRP once per composite ("lrp:NAME").
 EVAL_OPTIONS = {
+    "lrp": {"batch_size": 500},  # + the composite of each entry
     "saliency": {},
     "gradient_x_input": {},
     "smoothgrad": {"n_samples": 50, "batch_size": 10},
@@ -173,7 +174,7 @@ def evaluation_entries(methods: list[str], composites: list[str]) -> dict[str, t
     for name in methods:
         if name == "lrp":
             for comp in composites:
-                entries[f"lrp:{comp}"] = ("lrp", {"composite": comp, "batch_size": 500})
+                entries[f"lrp:{comp}"] = ("lrp", {**EVAL_OPTIONS["lrp"], "composite": comp})
         else:
             entries[name] = (name, EVAL_OPTIONS[name])
     return entries

@@ -25,6 +25,7 @@ from lenet_jax import cli, explain  # noqa: E402
 from lenet_jax.data import load_mnist, preprocess  # noqa: E402
 from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     TrainConfig,
     create_train_state,
@@ -127,14 +128,8 @@ def bench_torch_train(images, labels, repeats, batch_size):
 
 # method -> options for the whole-test-set call (chunking bounds the memory of the heavy ones)
 EXPLAIN_OPTIONS = {
-    "lrp": {"composite": "epsilon_plus_flat", "batch_size": 500},
-    "saliency": {},
-    "gradient_x_input": {},
-    "smoothgrad": {"n_samples": 50, "batch_size": 10},
-    "integrated_gradients": {"n_steps": 50, "batch_size": 10},
-    "grad_cam": {},
-    "score_cam": {"batch_size": 16},
-    "occlusion": {"window": 4, "stride": 2, "batch_size": 10},
+    **EVAL_OPTIONS,
+    "lrp": {**EVAL_OPTIONS["lrp"], "composite": "epsilon_plus_flat"},
 }
 
 
