@@ -94,7 +94,11 @@ def test_unknown_split_and_source_are_value_errors(tmp_path):
 
 def test_data_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LENET_JAX_DATA", str(tmp_path / "d"))
-    assert data.default_data_dir() == tmp_path / "d"
+    assert data.default_data_dir() == tmp_path / "d" / "mnist"
+    assert data.default_data_dir("cifar10") == tmp_path / "d" / "cifar10"
+    monkeypatch.delenv("LENET_JAX_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    assert data.default_data_dir("fashion_mnist") == tmp_path / "c" / "lenet_jax" / "fashion_mnist"
 
 
 def test_real_mnist_is_verified_and_shaped(mnist):
