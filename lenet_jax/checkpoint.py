@@ -18,7 +18,7 @@ from typing import Any
 from flax import serialization
 
 from lenet_jax.io import atomic_write_bytes, atomic_write_json
-from lenet_jax.models import build_model, describe
+from lenet_jax.models import build_model, describe, model_config
 
 _NAME = re.compile(r"epoch_(\d+)\.json$")
 
@@ -103,6 +103,10 @@ def restore_state(template, payload: bytes, metadata: dict[str, Any], expected_m
 def check_model(metadata: dict[str, Any], expected_model: dict) -> None:
     """Raises ``CheckpointError`` naming both models when the checkpoint's model differs."""
     found = metadata.get("model")
+    try:  # fill in attributes added since the checkpoint was written with their defaults
+        found = model_config(build_model(found))
+    except (TypeError, ValueError):
+        pass
     if found != expected_model:
         raise CheckpointError(
             f"checkpoint holds {describe(found or {})} but {describe(expected_model)} was requested"

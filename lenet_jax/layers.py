@@ -31,9 +31,18 @@ class Conv:
     has_params = True
 
     def apply(self, params, x_BHWC):
-        """``[B, H, W, Cin] -> [B, H-kh+1, W-kw+1, features]`` (VALID) with ``{"kernel" HWIO, "bias"}``."""
+        """``[B, H, W, Cin] -> [B, H', W', features]`` with ``{"kernel" HWIO, "bias"}``: ``H' = H-kh+1``
+        for ``"VALID"`` padding, ``H' = H`` for ``"SAME"`` (zeros around, as XLA pads)."""
         kernel = params["kernel"].astype(x_BHWC.dtype)
-        if self.padding == "VALID" and jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu":
+            if self.padding == "SAME":
+                kh, kw = kernel.shape[:2]
+                x_BHWC = jnp.pad(
+                    x_BHWC,
+                    ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)),
+                )
+            elif self.padding != "VALID":
+                raise ValueError(f"unknown padding {self.padding!r}; choose 'VALID' or 'SAME'")
             y = _conv_im2col(x_BHWC, kernel)
         else:
             y = lax.conv_general_dilated(

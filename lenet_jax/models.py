@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lenet_jax.data import get_dataset, preprocess
 from lenet_jax.layers import (
     Activation,
     AvgPool,
@@ -43,11 +44,22 @@ class ParamLayer(nn.Module):
 class SequentialModel(nn.Module):
     """A Linen module whose forward pass is its ``layers`` sequence, applied in order.
 
-    Subclasses define ``layers`` (a tuple of ``lenet_jax.layers`` descriptions) and ``input_shape``.
+    Subclasses define ``layers`` (a tuple of ``lenet_jax.layers`` descriptions) and ``image_size``.
     Conv and dense layers become ``ParamLayer`` submodules named after the layer, with the standard
     ``kernel``/``bias`` parameters (the layouts of ``nn.Conv``/``nn.Dense``); every layer computes
     with its pure ``apply``, so ``lenet_jax.layers.forward`` equals ``model.apply`` exactly.
+
+    Attributes:
+      dataset: the dataset (a name in ``lenet_jax.data.DATASETS``) whose images the model reads:
+        it fixes the input channels and the normalization, so preprocessing, the zB bounds of LRP
+        and the black baselines follow the model.
     """
+
+    dataset: str = "mnist"
+
+    def __post_init__(self):
+        get_dataset(self.dataset)  # a clear error for an unknown name
+        super().__post_init__()
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -55,9 +67,18 @@ class SequentialModel(nn.Module):
         raise NotImplementedError
 
     @property
+    def image_size(self) -> int:
+        """Side of the square input; the dataset's images are padded to it (default: theirs)."""
+        return get_dataset(self.dataset).image_shape[0]
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of one input."""
-        raise NotImplementedError
+        return (self.image_size, self.image_size, get_dataset(self.dataset).channels)
+
+    def preprocess(self, images):
+        """uint8 images of ``dataset`` -> the normalized ``[B, *input_shape]`` model input."""
+        return preprocess(images, self.dataset, self.image_size)
 
     def kernel_init(self):
         """The kernel initializer of the conv and dense layers (LeCun normal by default)."""
@@ -82,7 +103,7 @@ class SequentialModel(nn.Module):
 
 
 class LeNet5(SequentialModel):
-    """LeNet-5 (LeCun et al., 1998) on 32x32 single-channel inputs: 61,706 parameters.
+    """LeNet-5 (LeCun et al., 1998) on 32x32 inputs: 61,706 parameters on one channel.
 
     conv1 6@5x5 -> tanh -> avg-pool 2 -> conv2 16@5x5 -> tanh -> avg-pool 2 -> flatten ->
     fc1 120 -> tanh -> fc2 84 -> tanh -> fc3 10. Kernels use Xavier (Glorot) uniform init, suited
@@ -104,9 +125,9 @@ class LeNet5(SequentialModel):
         super().__post_init__()
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(32, 32, 1)``: MNIST padded to LeNet-5's 32x32."""
-        return (32, 32, 1)
+    def image_size(self) -> int:
+        """32: MNIST's 28x28 digits are padded to LeNet-5's 32x32."""
+        return 32
 
     def kernel_init(self):
         """Xavier (Glorot) uniform, suited to tanh."""
@@ -132,7 +153,96 @@ class LeNet5(SequentialModel):
         )
 
 
-MODELS: dict[str, type[SequentialModel]] = {"lenet5": LeNet5}
+class LeNet5ReLU(LeNet5):
+    """The "modern" LeNet-5: ReLU and max pooling, otherwise ``LeNet5`` (61,706 parameters)."""
+
+    activation: str = "relu"
+    pool: str = "max"
+
+
+class CNN(SequentialModel):
+    """The seed-001 CNN: two conv + max-pool blocks and two dense layers, ReLU (225,034 parameters
+    on MNIST's native 28x28).
+
+    conv1 32@3x3 -> ReLU -> max-pool 2 -> conv2 64@3x3 -> ReLU -> max-pool 2 -> flatten ->
+    fc1 128 -> ReLU -> fc2 10. He (Kaiming) uniform kernels, suited to ReLU.
+    """
+
+    num_classes: int = 10
+
+    def kernel_init(self):
+        """He uniform, suited to ReLU."""
+        return nn.initializers.he_uniform()
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """conv1, act1, pool1, conv2, act2, pool2, flatten, fc1, act3, fc2."""
+        return (
+            Conv("conv1", 32, (3, 3)),
+            Activation("act1", "relu"),
+            MaxPool("pool1", 2),
+            Conv("conv2", 64, (3, 3)),
+            Activation("act2", "relu"),
+            MaxPool("pool2", 2),
+            Flatten("flatten"),
+            Dense("fc1", 128),
+            Activation("act3", "relu"),
+            Dense("fc2", self.num_classes),
+        )
+
+
+class MiniVGG(SequentialModel):
+    """MiniVGG from seed 004 on 32x32 inputs (2,355,338 parameters on CIFAR-10's three channels).
+
+    conv1 32@3x3 -> conv2 64@3x3 -> max-pool 2 -> dropout 0.35 -> conv3 128@3x3 -> conv4 128@3x3 ->
+    max-pool 2 -> dropout 0.45 -> flatten -> fc1 256 -> dropout 0.5 -> fc2 64 -> fc3 10; ReLU after
+    every conv and hidden dense layer, "same" padding. He (Kaiming) uniform kernels.
+    """
+
+    dataset: str = "cifar10"
+    num_classes: int = 10
+
+    def kernel_init(self):
+        """He uniform, suited to ReLU."""
+        return nn.initializers.he_uniform()
+
+    @property
+    def image_size(self) -> int:
+        """32 (CIFAR-10's size; MNIST-like 28x28 images are padded)."""
+        return 32
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """Four 3x3 convs in two blocks, then three dense layers."""
+        return (
+            Conv("conv1", 32, (3, 3), "SAME"),
+            Activation("act1", "relu"),
+            Conv("conv2", 64, (3, 3), "SAME"),
+            Activation("act2", "relu"),
+            MaxPool("pool1", 2),
+            Dropout("drop1", 0.35),
+            Conv("conv3", 128, (3, 3), "SAME"),
+            Activation("act3", "relu"),
+            Conv("conv4", 128, (3, 3), "SAME"),
+            Activation("act4", "relu"),
+            MaxPool("pool2", 2),
+            Dropout("drop2", 0.45),
+            Flatten("flatten"),
+            Dense("fc1", 256),
+            Activation("act5", "relu"),
+            Dropout("drop3", 0.5),
+            Dense("fc2", 64),
+            Activation("act6", "relu"),
+            Dense("fc3", self.num_classes),
+        )
+
+
+MODELS: dict[str, type[SequentialModel]] = {
+    "lenet5": LeNet5,
+    "lenet5_relu": LeNet5ReLU,
+    "cnn": CNN,
+    "minivgg": MiniVGG,
+}
 
 
 def model_config(model: SequentialModel) -> dict[str, Any]:

@@ -4,8 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lenet_jax.layers import forward
-from lenet_jax.models import LeNet5, build_model, count_params, describe, init_params, model_config
+from lenet_jax.layers import Conv, forward
+from lenet_jax.models import (
+    MODELS,
+    LeNet5,
+    build_model,
+    count_params,
+    describe,
+    init_params,
+    model_config,
+)
 
 LENET5_PARAMS = 61_706
 
@@ -59,6 +67,22 @@ def test_forward_walk_equals_module_apply(activation, pool):
     assert [a.shape[1:] for a in inputs[:4]] == [(32, 32, 1), (28, 28, 6), (28, 28, 6), (14, 14, 6)]
 
 
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("kernel", [3, 4, 5])
+def test_every_conv_padding_matches_lax_in_float64(padding, kernel):
+    conv = Conv("c", 7, (kernel, kernel), padding)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 9, 8, 3), jnp.float64)
+    params = {
+        "kernel": jax.random.normal(keys[1], (kernel, kernel, 3, 7), jnp.float64),
+        "bias": jax.random.normal(keys[2], (7,), jnp.float64),
+    }
+    ref = jax.lax.conv_general_dilated(
+        x, params["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ) + params["bias"].reshape(1, 1, 1, 7)
+    np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_matches_lax_reference_in_float64():
     model = LeNet5()
     params = jax.tree_util.tree_map(
@@ -75,12 +99,72 @@ def test_conv_matches_lax_reference_in_float64():
 def test_model_config_round_trips_and_bad_options_are_rejected():
     model = LeNet5(activation="relu")
     config = model_config(model)
-    assert config == {"name": "lenet5", "activation": "relu", "pool": "avg", "num_classes": 10}
+    assert config == {
+        "name": "lenet5",
+        "dataset": "mnist",
+        "activation": "relu",
+        "pool": "avg",
+        "num_classes": 10,
+    }
     assert build_model(config) == model
-    assert describe(config) == "lenet5(activation='relu', num_classes=10, pool='avg')"
+    assert describe(config) == (
+        "lenet5(activation='relu', dataset='mnist', num_classes=10, pool='avg')"
+    )
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        LeNet5(dataset="svhn")
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model({"name": "vgg"})
     with pytest.raises(ValueError, match="unknown pool"):
         LeNet5(pool="median")
     with pytest.raises(ValueError, match="unknown activation"):
         _ = LeNet5(activation="gelu").layers
+
+
+@pytest.mark.parametrize(
+    "name, dataset, count, input_shape",
+    [
+        ("lenet5", "mnist", 61_706, (32, 32, 1)),
+        ("lenet5", "cifar10", 62_006, (32, 32, 3)),
+        ("lenet5_relu", "fashion_mnist", 61_706, (32, 32, 1)),
+        ("cnn", "mnist", 225_034, (28, 28, 1)),
+        ("cnn", "cifar10", 315_722, (32, 32, 3)),
+        ("minivgg", "cifar10", 2_355_338, (32, 32, 3)),
+        ("minivgg", "mnist", 2_354_762, (32, 32, 1)),
+    ],
+)
+def test_every_model_has_its_pinned_size_and_forward_equals_apply(
+    name, dataset, count, input_shape
+):
+    model = build_model({"name": name, "dataset": dataset})
+    assert model.input_shape == input_shape
+    params = init_params(model, jax.random.key(0))
+    assert count_params(params) == count
+    assert sorted(params) == sorted(layer.name for layer in model.layers if layer.has_params)
+    x = jax.random.normal(jax.random.key(1), (3, *input_shape))
+    out, inputs = forward(model.layers, params, x)
+    np.testing.assert_array_equal(out, model.apply({"params": params}, x))
+    assert out.shape == (3, 10) and len(inputs) == len(model.layers)
+
+
+def test_the_registry_defaults():
+    assert sorted(MODELS) == ["cnn", "lenet5", "lenet5_relu", "minivgg"]
+    relu = build_model({"name": "lenet5_relu"})
+    assert (relu.activation, relu.pool, relu.dataset) == ("relu", "max", "mnist")
+    assert [layer.kind for layer in relu.layers][:3] == ["conv", "activation", "max_pool"]
+    assert build_model({"name": "minivgg"}).dataset == "cifar10"  # seed 004's data
+
+
+def test_minivgg_dropout_needs_a_key_in_training_and_is_off_in_evaluation():
+    model = build_model({"name": "minivgg"})
+    params = init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    evaluation = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(evaluation, forward(model.layers, params, x)[0])
+    train = lambda k: model.apply({"params": params}, x, train=True, rngs={"dropout": k})  # noqa: E731
+    a, b, c = train(jax.random.key(2)), train(jax.random.key(2)), train(jax.random.key(3))
+    np.testing.assert_array_equal(a, b)  # the key fixes the mask
+    assert not np.allclose(a, c) and not np.allclose(a, evaluation)
+    with pytest.raises(Exception, match="dropout"):
+        model.apply({"params": params}, x, train=True)  # no key: an error, not silent dropout
+    rates = [layer.rate for layer in model.layers if layer.kind == "dropout"]
+    assert rates == [0.35, 0.45, 0.5]
