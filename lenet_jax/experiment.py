@@ -14,9 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint
-from lenet_jax.data import MEAN, STD, load_mnist
+from lenet_jax.data import get_dataset, load_dataset, normalized_range
 from lenet_jax.io import atomic_write_json
-from lenet_jax.models import SequentialModel, count_params, init_params, model_config
+from lenet_jax.models import (
+    SequentialModel,
+    build_model,
+    count_params,
+    init_params,
+    model_config,
+)
 from lenet_jax.train import (
     TrainConfig,
     TrainingDiverged,
@@ -24,6 +30,7 @@ from lenet_jax.train import (
     create_train_state,
     make_optimizer,
     predict,
+    random_affine,
     summarize,
     train_epoch,
 )
@@ -49,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def train_and_evaluate(
-    model: SequentialModel,
+    model: SequentialModel | None,
     config: TrainConfig,
     run_dir: str | Path,
     *,
@@ -63,11 +70,11 @@ def train_and_evaluate(
     """Trains ``model`` with ``config``, checkpointing to ``run_dir`` after every epoch.
 
     Args:
-      model: the Linen model.
+      model: the Linen model; ``None`` with ``resume`` takes the checkpoint's.
       config: hyperparameters (for ``resume``, the run's saved config is used instead).
       run_dir: the run folder (created).
       resume: continue from the newest intact checkpoint in ``run_dir``.
-      data_dir, data_source: where MNIST comes from (see ``lenet_jax.data.load_mnist``).
+      data_dir, data_source: where the model's dataset comes from (``lenet_jax.data.load_dataset``).
       train_limit: train on the first N training images only (smoke runs).
       figures: write the PNG figures at the end.
       progress: show tqdm bars.
@@ -83,11 +90,15 @@ def train_and_evaluate(
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    mcfg = model_config(model)
     found = checkpoint.latest_checkpoint(run_dir) if resume else None
-    if resume:
+    if resume and found is None:
+        raise checkpoint.CheckpointError(f"--resume: no intact checkpoint in {run_dir}")
+    if model is None:
         if found is None:
-            raise checkpoint.CheckpointError(f"--resume: no intact checkpoint in {run_dir}")
+            raise ValueError("a model is needed unless resuming a run")
+        model = build_model(found[0]["model"])
+    mcfg = model_config(model)
+    if resume:
         checkpoint.check_model(found[0], mcfg)
         config = TrainConfig(**found[0]["config"])
         train_limit = found[0].get("train_limit")
@@ -96,8 +107,10 @@ def train_and_evaluate(
             f"{run_dir} already holds a run; use --resume to continue it or another --out"
         )
 
-    train_x, train_y = load_mnist("train", data_dir=data_dir, source=data_source, progress=progress)
-    test_x, test_y = load_mnist("test", data_dir=data_dir, source=data_source, progress=progress)
+    ds = get_dataset(model.dataset)
+    load = dict(data_dir=data_dir, source=data_source, progress=progress)
+    train_x, train_y = load_dataset(ds.name, "train", **load)
+    test_x, test_y = load_dataset(ds.name, "test", **load)
     if train_limit:
         train_x, train_y = train_x[:train_limit], train_y[:train_limit]
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
@@ -120,12 +133,23 @@ def train_and_evaluate(
     base_meta = {
         "model": mcfg,
         "param_count": count_params(state.params),
-        "normalization": {"mean": MEAN, "std": STD, "image_size": model.input_shape[0]},
+        "dataset": ds.name,
+        "classes": list(ds.classes),
+        "normalization": {"mean": ds.mean, "std": ds.std, "image_size": model.image_size},
         "config": dataclasses.asdict(config),
         "train_limit": train_limit,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
     }
+    augment = None
+    if config.augment_shift or config.augment_rotate:
+        black = normalized_range(ds.name)[0]
+
+        def augment(key, x):
+            return random_affine(
+                key, x, max_shift=config.augment_shift, max_rotate=config.augment_rotate, fill=black
+            )
+
     fns: dict = {}
     for epoch in range(start_epoch, config.epochs + 1):
         bar = tqdm(
@@ -152,6 +176,8 @@ def train_and_evaluate(
             fns=fns,
             progress=on_progress,
             label_smoothing=config.label_smoothing,
+            preprocess=model.preprocess,
+            augment=augment,
         )
         train_metrics = summarize(sums)
         seconds = time.perf_counter() - t0
@@ -198,7 +224,10 @@ def train_and_evaluate(
     _log(f"Top-3 accuracy: {100 * report['top3_accuracy']:.2f}%")
     _log(
         "Per-class accuracy: "
-        + ", ".join(f"{k}: {100 * a:.2f}%" for k, a in enumerate(report["per_class_accuracy"]))
+        + ", ".join(
+            f"{name}: {100 * a:.2f}%"
+            for name, a in zip(ds.classes, report["per_class_accuracy"], strict=True)
+        )
     )
     _log("Confusion matrix (rows: true, columns: predicted):")
     for row in report["confusion"]:
@@ -206,12 +235,12 @@ def train_and_evaluate(
     metrics = {**base_meta, "epochs": config.epochs, "history": final["history"], "test": report}
     atomic_write_json(run_dir / "metrics.json", metrics)
     if figures:
-        _write_figures(run_dir, model, final, test_x, test_y)
+        _write_figures(run_dir, model, final, test_x, test_y, ds.classes)
     _log(f"Run saved in {run_dir}")
     return metrics
 
 
-def _write_figures(run_dir: Path, model, meta: dict, test_x: np.ndarray, test_y: np.ndarray):
+def _write_figures(run_dir: Path, model, meta, test_x, test_y, classes):
     from lenet_jax import plot
 
     _, params, _ = checkpoint.load_params(run_dir)
@@ -220,15 +249,17 @@ def _write_figures(run_dir: Path, model, meta: dict, test_x: np.ndarray, test_y:
     pred = probs.argmax(1)
     report = meta["test"]
     plot.save(plot.training_curves(meta["history"]), run_dir / "curves.png")
+    names = list(classes) if not all(c.isdigit() for c in classes) else None
     plot.save(
-        plot.per_class_accuracy(report["per_class_accuracy"]), run_dir / "per_class_accuracy.png"
+        plot.per_class_accuracy(report["per_class_accuracy"], names),
+        run_dir / "per_class_accuracy.png",
     )
-    plot.save(plot.confusion_matrix(report["confusion"]), run_dir / "confusion_matrix.png")
+    plot.save(plot.confusion_matrix(report["confusion"], names), run_dir / "confusion_matrix.png")
     first = np.arange(32)
     plot.save(
         plot.digit_grid(
             test_x[first],
-            [f"pred {pred[i]} ({probs[i, pred[i]]:.2f})" for i in first],
+            [f"pred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})" for i in first],
             ["black" if pred[i] == test_y[i] else "red" for i in first],
             suptitle="Test samples: prediction (confidence); red = wrong",
         ),
@@ -239,8 +270,8 @@ def _write_figures(run_dir: Path, model, meta: dict, test_x: np.ndarray, test_y:
         plot.save(
             plot.digit_grid(
                 test_x[wrong],
-                [f"true {test_y[i]} / pred {pred[i]}" for i in wrong],
-                suptitle=f"Misclassified test digits ({int((pred != test_y).sum())} in all)",
+                [f"true {classes[test_y[i]]}\npred {classes[pred[i]]}" for i in wrong],
+                suptitle=f"Misclassified test images ({int((pred != test_y).sum())} in all)",
             ),
             run_dir / "misclassified.png",
         )

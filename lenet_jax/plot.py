@@ -39,14 +39,14 @@ def training_curves(history: Sequence[dict]):
     return fig
 
 
-def per_class_accuracy(per_class: Sequence[float]):
-    """Bar chart of test accuracy per class."""
+def per_class_accuracy(per_class: Sequence[float], classes: Sequence[str] | None = None):
+    """Bar chart of test accuracy per class (``classes``: tick labels, default the indices)."""
     acc = 100 * np.asarray(per_class)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(range(len(acc)), acc, color="tab:blue")
     ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(acc)), classes or range(len(acc)), rotation=45 if classes else 0)
     ax.set(
-        xticks=range(len(acc)),
         xlabel="class",
         ylabel="accuracy (%)",
         ylim=(max(0.0, acc.min() - 3), 100.5),
@@ -56,7 +56,7 @@ def per_class_accuracy(per_class: Sequence[float]):
     return fig
 
 
-def confusion_matrix(confusion: Sequence[Sequence[int]]):
+def confusion_matrix(confusion: Sequence[Sequence[int]], classes: Sequence[str] | None = None):
     """Confusion matrix (rows: true class, columns: predicted), counts in the cells."""
     cm = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -67,9 +67,9 @@ def confusion_matrix(confusion: Sequence[Sequence[int]]):
             if cm[i, j]:
                 color = "white" if cm[i, j] > cm.max() / 3 else "black"
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k), classes or range(k), rotation=90 if classes else 0)
+    ax.set_yticks(range(k), classes or range(k))
     ax.set(
-        xticks=range(k),
-        yticks=range(k),
         xlabel="predicted",
         ylabel="true",
         title="Confusion matrix (test)",
@@ -85,10 +85,10 @@ def digit_grid(
     ncols: int = 8,
     suptitle: str | None = None,
 ):
-    """A grid of grey digits with a title each.
+    """A grid of images (grey digits drawn dark on light) with a title each.
 
     Args:
-      images: ``[N, H, W]`` pixel values.
+      images: ``[N, H, W]`` grey or ``[N, H, W, 3]`` color pixel values.
       titles: one per image.
       colors: optional title colour per image.
     """

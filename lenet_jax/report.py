@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain
-from lenet_jax.data import load_mnist, normalized_range, preprocess, to_pixels
+from lenet_jax.data import get_dataset, load_dataset, normalized_range, to_pixels
 from lenet_jax.explain._common import target_logit
 from lenet_jax.io import atomic_savez
 from lenet_jax.train import predict
@@ -72,14 +72,17 @@ def explain_run(
             f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all"
         )
     model, params, _ = checkpoint.load_params(run_dir)
-    images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
+    images, labels = load_dataset(
+        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+    )
+    classes = get_dataset(model.dataset).classes
     logits_all = predict(model, params, jnp.asarray(images))
     pred_all = logits_all.argmax(1)
     idx = pick_examples(pred_all, labels, n, mix_wrong=(method == "all"))
-    x = preprocess(images[idx])
+    x = model.preprocess(images[idx])
     logits, pred, y = logits_all[idx], pred_all[idx], labels[idx]
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
-    pixels = np.asarray(to_pixels(x))
+    pixels = np.asarray(to_pixels(x, model.dataset))
     out = Path(out) if out else Path(run_dir) / f"explain_{method}.png"
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
@@ -93,7 +96,7 @@ def explain_run(
                 options["layer"] = layer
             maps[name] = np.asarray(explain_method(name, model, params, x, **options))
         titles = [
-            f"{'✓' if p == t else '✗'} true {t} / pred {p} ({probs[i, p]:.2f})"
+            f"{'✓' if p == t else '✗'} true {classes[t]} / pred {classes[p]} ({probs[i, p]:.2f})"
             for i, (t, p) in enumerate(zip(y, pred, strict=True))
         ]
         fig = plot.method_comparison(pixels, maps, SIGNED, titles)
@@ -107,7 +110,7 @@ def explain_run(
         elif method in explain.CAM_METHODS and layer:
             options["layer"] = layer
         heat = np.asarray(explain_method(method, model, params, x, **options))
-        titles = [f"true {t} / pred {p}" for t, p in zip(y, pred, strict=True)]
+        titles = [f"true {classes[t]} / pred {classes[p]}" for t, p in zip(y, pred, strict=True)]
         extra = {}
         if method == "lrp":
             sums = heat.reshape(len(idx), -1).sum(1)
@@ -147,7 +150,8 @@ def explain_run(
                 plot.feature_map_relevance(
                     np.asarray(rels[layer][0]),
                     pixels[0],
-                    f"Relevance of {layer}'s feature maps, digit {y[0]} (pred {pred[0]}), ranked",
+                    f"Relevance of {layer}'s feature maps, {classes[y[0]]} (pred {classes[pred[0]]}), "
+                    "ranked",
                 ),
                 layer_png,
             )
@@ -222,8 +226,10 @@ def evaluate_run(
         )
     out = Path(out) if out else Path(run_dir) / "evaluation"
     model, params, _ = checkpoint.load_params(run_dir)
-    images, labels = load_mnist("test", data_dir=data_dir, source=data_source, progress=False)
-    x = preprocess(images[:n])
+    images, labels = load_dataset(
+        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+    )
+    x = model.preprocess(images[:n])
     target = jnp.argmax(model.apply({"params": params}, x), axis=1).astype(jnp.int32)
     xr, tr = x[:n_randomization], target[:n_randomization]
     flip = functools.partial(evaluate.pixel_flipping, model, patch=patch, n_steps=n_steps)
@@ -266,7 +272,8 @@ def evaluate_run(
         elif name == "integrated_gradients":
             # completeness of the attribution already computed: f(x) − f(x0) − Σ IG
             f = target_logit(model, params, target)
-            delta = f(x) - f(jnp.full_like(x, normalized_range()[0]))
+            black = normalized_range(model.dataset)[0]
+            delta = f(x) - f(jnp.broadcast_to(jnp.asarray(black, x.dtype), x.shape))
             gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
             conservation = float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
         else:
@@ -301,7 +308,9 @@ def evaluate_run(
     atomic_write_bytes(out / "evaluation.md", evaluation_markdown(results).encode())
     plot.save(plot.flipping_curves(curves, random_summary, band), out / "flipping_curves.png")
     plot.save(
-        plot.randomization_cascade(np.asarray(to_pixels(xr[:1]))[0], cascades, layers, SIGNED),
+        plot.randomization_cascade(
+            np.asarray(to_pixels(xr[:1], model.dataset))[0], cascades, layers, SIGNED
+        ),
         out / "randomization.png",
     )
     return results

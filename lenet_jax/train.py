@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from lenet_jax.data import preprocess
+from lenet_jax.data import preprocess as mnist_preprocess
 
 
 class TrainState(train_state.TrainState):
@@ -42,6 +42,8 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    augment_shift: float = 0.0  # random translations of up to this many pixels
+    augment_rotate: float = 0.0  # random rotations of up to this many degrees
     batch_size: int = 64
     epochs: int = 10
     seed: int = 0
@@ -58,6 +60,8 @@ class TrainConfig:
             "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
             "weight_decay": self.weight_decay >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
+            "augment_shift": 0 <= self.augment_shift <= 8,
+            "augment_rotate": 0 <= self.augment_rotate <= 45,
             "batch_size": self.batch_size >= 1,
             "epochs": self.epochs >= 1,
             "eval_batch_size": self.eval_batch_size >= 1,
@@ -132,18 +136,58 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the step
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], label_smoothing: float = 0.0):
+def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float, fill):
+    """Random translations and rotations of a batch, one draw per image, on device.
+
+    Each image is rotated by an angle uniform in ``±max_rotate`` degrees about its center and moved
+    by a shift uniform in ``±max_shift`` pixels per axis (bilinear interpolation); pixels from
+    outside the image take the value ``fill`` (scalar or ``[C]``: the normalized background).
+    """
+    b, h, w, c = x_BHWC.shape
+    k_angle, k_shift = jax.random.split(key)
+    angle = jnp.deg2rad(jax.random.uniform(k_angle, (b,), minval=-max_rotate, maxval=max_rotate))
+    shift = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
+    rows, cols = jnp.meshgrid(
+        jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij"
+    )
+    cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
+    # inverse map: where in the source each output pixel comes from
+    src_r = cos * (rows - shift[:, 0, None, None]) + sin * (cols - shift[:, 1, None, None])
+    src_c = -sin * (rows - shift[:, 0, None, None]) + cos * (cols - shift[:, 1, None, None])
+    src_r, src_c = src_r + (h - 1) / 2, src_c + (w - 1) / 2
+    fill = jnp.broadcast_to(jnp.asarray(fill, x_BHWC.dtype), (c,))
+
+    def one(img_HWC, r, q):
+        def channel(img_HW, f):
+            return jax.scipy.ndimage.map_coordinates(img_HW - f, [r, q], order=1, cval=0.0) + f
+
+        return jax.vmap(channel, in_axes=(2, 0), out_axes=2)(img_HWC, fill)
+
+    return jax.vmap(one)(x_BHWC, src_r, src_c)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    label_smoothing: float = 0.0,
+    augment: Callable | None = None,
+):
     """One optimizer step on a preprocessed batch (pure; jit it or call it inside a jitted loop).
 
     Args:
       state: the train state.
       batch: ``{"image": [B, H, W, C] float32, "label": [B] int, "weight": [B] 0/1}``.
       label_smoothing: smoothing of the one-hot targets.
+      augment: ``augment(key, images) -> images``, applied on device with a key derived from the
+        state's key and step (so a resumed run draws the same augmentations); ``None`` for none.
 
     Returns:
       ``(new_state, metrics)`` with the summed metrics of ``compute_metrics``.
     """
-    dropout_key = jax.random.fold_in(state.key, state.step)
+    step_key = jax.random.fold_in(state.key, state.step)
+    dropout_key, augment_key = jax.random.split(step_key)
+    if augment is not None:
+        batch = {**batch, "image": augment(augment_key, batch["image"])}
 
     def loss_fn(params):
         logits = state.apply_fn(
@@ -175,7 +219,7 @@ def epoch_batches(key: jax.Array, epoch: int, n: int, batch_size: int, shuffle: 
     return idx.reshape(steps, batch_size), weight.reshape(steps, batch_size)
 
 
-def _gather(images, labels, idx, weight):
+def _gather(preprocess, images, labels, idx, weight):
     return {"image": preprocess(images[idx]), "label": labels[idx], "weight": weight}
 
 
@@ -187,33 +231,53 @@ def _zero_metrics():
     return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
 
 
-def make_step_fn(label_smoothing: float = 0.0):
+def make_step_fn(
+    label_smoothing: float = 0.0,
+    preprocess: Callable | None = None,
+    augment: Callable | None = None,
+):
     """The jitted CPU step: gathers batch ``i`` from device-resident data, steps, adds metrics.
+
+    Args:
+      label_smoothing: smoothing of the one-hot targets.
+      preprocess: uint8 images -> model inputs (``model.preprocess``); default MNIST for LeNet-5.
+      augment: see ``train_step``.
 
     Returns:
       ``step(state, sums, images, labels, idx, weight, i) -> (state, sums)``; the state and the
       running sums are donated.
     """
 
+    preprocess = preprocess or mnist_preprocess
+
     def step(state, sums, images, labels, idx, weight, i):
-        batch = _gather(images, labels, idx[i], weight[i])
-        state, metrics = train_step(state, batch, label_smoothing)
+        batch = _gather(preprocess, images, labels, idx[i], weight[i])
+        state, metrics = train_step(state, batch, label_smoothing, augment)
         return state, _add(sums, metrics)
 
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_epoch_fn(label_smoothing: float = 0.0):
+def make_epoch_fn(
+    label_smoothing: float = 0.0,
+    preprocess: Callable | None = None,
+    augment: Callable | None = None,
+):
     """The jitted accelerator epoch: ``lax.scan`` of the step over all batches.
+
+    Takes the arguments of ``make_step_fn``.
 
     Returns:
       ``epoch(state, images, labels, idx, weight) -> (state, sums)``.
     """
 
+    preprocess = preprocess or mnist_preprocess
+
     def epoch(state, images, labels, idx, weight):
         def body(carry, xs):
             state, sums = carry
-            state, metrics = train_step(state, _gather(images, labels, *xs), label_smoothing)
+            batch = _gather(preprocess, images, labels, *xs)
+            state, metrics = train_step(state, batch, label_smoothing, augment)
             return (state, _add(sums, metrics)), None
 
         (state, sums), _ = jax.lax.scan(body, (state, _zero_metrics()), (idx, weight))
@@ -241,8 +305,10 @@ def train_epoch(
     fns: dict[str, Callable] | None = None,
     progress: Callable[[int, dict], None] | None = None,
     label_smoothing: float = 0.0,
+    preprocess: Callable | None = None,
+    augment: Callable | None = None,
 ):
-    """Trains one epoch over device-resident uint8 ``images [N, 28, 28]`` and ``labels [N]``.
+    """Trains one epoch over device-resident uint8 ``images [N, H, W(, C)]`` and ``labels [N]``.
 
     Args:
       state: the train state (donated: do not reuse the argument).
@@ -250,6 +316,7 @@ def train_epoch(
       loop: ``"python"`` (dispatch the jitted step), ``"scan"`` (one jitted epoch) or ``"auto"``.
       fns: cache for the jitted functions (pass the same dict every epoch to compile once).
       progress: called as ``progress(steps_done, running_sums)`` about every 50 steps.
+      label_smoothing, preprocess, augment: see ``make_step_fn``.
 
     Returns:
       ``(state, sums)`` with the summed metrics of the epoch.
@@ -258,12 +325,16 @@ def train_epoch(
     idx, weight = epoch_batches(data_key, epoch, images.shape[0], batch_size)
     steps = idx.shape[0]
     if resolve_loop(loop) == "scan":
-        fn = fns.setdefault("scan", make_epoch_fn(label_smoothing))
+        fn = fns.get("scan") or fns.setdefault(
+            "scan", make_epoch_fn(label_smoothing, preprocess, augment)
+        )
         state, sums = fn(state, images, labels, idx, weight)
         if progress:
             progress(steps, sums)
         return state, sums
-    fn = fns.setdefault("step", make_step_fn(label_smoothing))
+    fn = fns.get("step") or fns.setdefault(
+        "step", make_step_fn(label_smoothing, preprocess, augment)
+    )
     sums = _zero_metrics()
     for i in range(steps):
         state, sums = fn(state, sums, images, labels, idx, weight, i)
@@ -276,7 +347,7 @@ def train_epoch(
 
 
 def predict(model, params, images, batch_size: int = 1000):
-    """Logits for uint8 ``images [N, 28, 28]``, in jitted batches of one shape.
+    """Logits for uint8 ``images`` of the model's dataset, in jitted batches of one shape.
 
     Returns:
       float32 ``[N, num_classes]`` numpy array.
@@ -298,7 +369,9 @@ _APPLY_CACHE: dict = {}
 
 def _jitted_apply(model):
     if model not in _APPLY_CACHE:
-        _APPLY_CACHE[model] = jax.jit(lambda p, imgs: model.apply({"params": p}, preprocess(imgs)))
+        _APPLY_CACHE[model] = jax.jit(
+            lambda p, imgs: model.apply({"params": p}, model.preprocess(imgs))
+        )
     return _APPLY_CACHE[model]
 
 

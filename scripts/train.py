@@ -1,35 +1,59 @@
-"""Train LeNet-5 on MNIST: ``python scripts/train.py [--epochs 10] [--out runs/NAME] [--resume]``.
+"""Train a model: ``python scripts/train.py [--model lenet5] [--dataset mnist] [--preset fast]``.
 
-Kept short on purpose: the logic lives in ``lenet_jax.experiment`` and ``lenet_jax.train``.
+Every hyperparameter defaults to the model's recipe (``lenet_jax.recipes``), with ``--preset`` on top;
+the flags override single values. The logic lives in ``lenet_jax.experiment`` and ``lenet_jax.train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_jax import cli  # noqa: E402
+from lenet_jax.data import DATASETS  # noqa: E402
 from lenet_jax.models import MODELS  # noqa: E402
+from lenet_jax.recipes import PRESETS  # noqa: E402
+
+# flag -> TrainConfig field, for the hyperparameters that override the recipe
+HYPER = {
+    "optimizer": dict(choices=["sgd", "adam"]),
+    "lr": dict(type=cli.positive_float, help="learning rate (peak)"),
+    "momentum": dict(type=cli.unit_interval, help="SGD momentum"),
+    "schedule": dict(choices=["constant", "cosine", "onecycle"]),
+    "warmup_epochs": dict(type=cli.non_negative_float),
+    "weight_decay": dict(type=cli.non_negative_float),
+    "label_smoothing": dict(type=cli.unit_interval),
+    "augment_shift": dict(type=cli.non_negative_float, help="random shifts, pixels (<= 8)"),
+    "augment_rotate": dict(type=cli.non_negative_float, help="random rotations, degrees (<= 45)"),
+    "batch_size": dict(type=cli.positive_int),
+    "epochs": dict(type=cli.positive_int),
+    "seed": dict(type=int),
+}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="lenet5", choices=sorted(MODELS), help="architecture")
-    p.add_argument("--activation", default="tanh", choices=["tanh", "relu"])
-    p.add_argument("--pool", default="avg", choices=["avg", "max"])
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=cli.positive_float, default=0.01, help="learning rate (peak)")
-    p.add_argument("--momentum", type=cli.unit_interval, default=0.9, help="SGD momentum")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine", "onecycle"])
-    p.add_argument("--warmup-epochs", type=cli.non_negative_float, default=0.0)
-    p.add_argument("--weight-decay", type=cli.non_negative_float, default=0.0)
-    p.add_argument("--label-smoothing", type=cli.unit_interval, default=0.0)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
-    p.add_argument("--epochs", type=cli.positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=sorted(MODELS),
+        help="architecture (default lenet5; with --resume, the run's)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=sorted(DATASETS),
+        help="default: the model's own (cifar10 for minivgg, mnist for the others)",
+    )
+    p.add_argument("--activation", default=None, choices=["tanh", "relu"], help="lenet5 only")
+    p.add_argument("--pool", default=None, choices=["avg", "max"], help="lenet5 only")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named recipe")
+    for name, kwargs in HYPER.items():
+        p.add_argument("--" + name.replace("_", "-"), default=None, **kwargs)
     p.add_argument(
         "--loop",
         default="auto",
@@ -57,7 +81,7 @@ def main(argv=None) -> int:
 
     from lenet_jax.experiment import latest_run, new_run_dir, train_and_evaluate
     from lenet_jax.models import build_model
-    from lenet_jax.train import TrainConfig
+    from lenet_jax.recipes import recipe
 
     run_dir = args.out
     if run_dir is None:
@@ -65,20 +89,20 @@ def main(argv=None) -> int:
         if run_dir is None:
             p.error("--resume: no run with a checkpoint in runs/; name one with --out")
     with cli.one_line_errors(p):
-        config = TrainConfig(
-            optimizer=args.optimizer,
-            lr=args.lr,
-            momentum=args.momentum,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            seed=args.seed,
-            loop=args.loop,
-        )
-        model = build_model({"name": args.model, "activation": args.activation, "pool": args.pool})
+        name = args.model or "lenet5"
+        overrides = {k: getattr(args, k) for k in HYPER if getattr(args, k) is not None}
+        config = dataclasses.replace(recipe(name, args.preset), loop=args.loop, **overrides)
+        model_args = {"name": name}
+        if args.dataset:
+            model_args["dataset"] = args.dataset
+        for option in ("activation", "pool"):
+            if getattr(args, option) is not None:
+                if not name.startswith("lenet5"):
+                    raise ValueError(f"--{option} applies to lenet5 and lenet5_relu only")
+                model_args[option] = getattr(args, option)
+        given = len(model_args) > 1 or args.model is not None
+        # --resume without model flags continues whatever model the run holds
+        model = build_model(model_args) if given or not args.resume else None
         train_and_evaluate(
             model,
             config,

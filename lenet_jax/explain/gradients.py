@@ -146,7 +146,7 @@ def integrated_gradients(
     """
     t = _prepare(model, params, x, target)
     if baseline is None:
-        baseline = normalized_range()[0]
+        baseline = normalized_range(model.dataset)[0]
     x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
     alphas, weights = _quadrature(method, n_steps)
     alphas, weights = jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype)
@@ -217,7 +217,8 @@ def occlusion(
     h, w = x.shape[1:3]
     if not 1 <= window <= min(h, w) or stride < 1:
         raise ValueError(f"need 1 <= window <= {min(h, w)} and stride >= 1, got {window}, {stride}")
-    base = normalized_range()[0] if baseline is None else baseline
+    base = normalized_range(model.dataset)[0] if baseline is None else baseline
+    base = jnp.broadcast_to(jnp.asarray(base, x.dtype), x.shape[-1:]).reshape(1, 1, 1, 1, -1)
     rows = np.arange(0, h - window + 1, stride)
     cols = np.arange(0, w - window + 1, stride)
     masks = np.zeros((len(rows) * len(cols), h, w), np.float32)
@@ -228,7 +229,7 @@ def occlusion(
 
     def chunk(args):
         xc, tc = args  # [b, H, W, C], [b]
-        occluded = xc[:, None] * (1 - masks[None]) + jnp.asarray(base, x.dtype) * masks[None]
+        occluded = xc[:, None] * (1 - masks[None]) + base * masks[None]
         both = jnp.concatenate([xc[:, None], occluded], axis=1)
         m = both.shape[1]
         f = target_logit(model, params, jnp.repeat(tc, m))

@@ -156,6 +156,8 @@ def lrp_layerwise(
     """
     check_input(model, x)
     layers = model.layers
+    black, white = normalized_range(model.dataset)
+    low, high = black if low is None else low, white if high is None else high
     rules = composite_rules(
         layers, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
     )
@@ -193,7 +195,7 @@ def lrp(
       epsilon: ε of the epsilon rule (dense layers in every built-in composite).
       gamma: γ of the gamma rule.
       low, high: input bounds of the zB rule, scalars or ``[H, W, C]``; default the normalized
-        values of a black and a white pixel.
+        values of a black and a white pixel of the model's dataset.
       stabilizer: the denominator stabilizer of the other rules.
       batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
 
