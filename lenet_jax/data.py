@@ -590,4 +590,4 @@ def normalized_range(dataset: str = "mnist"):
     hi = [(1.0 - m) / s for m, s in zip(ds.mean, ds.std, strict=True)]
     if ds.channels == 1:
         return lo[0], hi[0]
-    return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    return np.asarray(lo), np.asarray(hi)

@@ -255,7 +255,7 @@ def _write_figures(run_dir: Path, model, meta, test_x, test_y, classes):
         run_dir / "per_class_accuracy.png",
     )
     plot.save(plot.confusion_matrix(report["confusion"], names), run_dir / "confusion_matrix.png")
-    first = np.arange(32)
+    first = np.arange(min(32, len(test_y)))
     plot.save(
         plot.digit_grid(
             test_x[first],

@@ -111,7 +111,8 @@ def _show_heat(ax, pixels, heat, signed: bool):
     if signed:
         lim = float(np.abs(heat).max()) or 1.0
         ax.imshow(heat, cmap="bwr", vmin=-lim, vmax=lim)
-        ax.contour(pixels, levels=[0.5], colors="k", linewidths=0.3, alpha=0.4)
+        if pixels.ndim == 2:  # a gray digit's outline; color images stand beside the maps instead
+            ax.contour(pixels, levels=[0.5], colors="k", linewidths=0.3, alpha=0.4)
     else:
         ax.imshow(pixels, cmap="gray_r")
         top = float(heat.max()) or 1.0

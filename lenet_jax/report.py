@@ -31,8 +31,10 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
     """Indices of ``n`` test images: the first ones, or (``mix_wrong``) a quarter misclassified."""
     if not mix_wrong:
         return np.arange(min(n, len(labels)))
-    wrong = np.flatnonzero(pred != labels)[: max(1, n // 4)]
-    right = np.flatnonzero(pred == labels)[: n - len(wrong)]
+    n = min(n, len(labels))
+    all_wrong, all_right = np.flatnonzero(pred != labels), np.flatnonzero(pred == labels)
+    right = all_right[: n - min(len(all_wrong), max(1, n // 4))]
+    wrong = all_wrong[: n - len(right)]  # more than a quarter when too few are right
     return np.sort(np.concatenate([right, wrong]))
 
 

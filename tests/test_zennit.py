@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import random_params, require
 
-from lenet_jax.data import normalized_range
+from lenet_jax.data import DATASETS, normalized_range
 from lenet_jax.explain import COMPOSITES, lrp
-from lenet_jax.models import LeNet5
+from lenet_jax.models import CNN, LeNet5, MiniVGG
 from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
 
 torch = require("torch")
@@ -68,3 +68,50 @@ def test_twin_computes_the_same_logits():
     twin = torch_twin(model, params)
     out = twin(torch.tensor(to_nchw(x))).detach().numpy()
     np.testing.assert_allclose(out, model.apply({"params": params}, x), rtol=1e-12, atol=1e-12)
+
+
+def color_bounds(x_nchw):
+    lo, hi = (
+        torch.tensor(np.asarray(v, np.float64)).reshape(1, 3, 1, 1)
+        for v in normalized_range("cifar10")
+    )
+    return lo.expand_as(x_nchw).clone(), hi.expand_as(x_nchw).clone()
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon"])
+def test_lrp_on_minivgg_equals_zennit(composite):
+    """Seed 004's model and composite: SAME-padded convs, max pooling, dropout, three channels."""
+    model = MiniVGG()
+    params = random_params(model, seed=3, bias_scale=0.01)
+    pixels = np.random.default_rng(3).uniform(0, 1, (4, 32, 32, 3))
+    cifar = DATASETS["cifar10"]
+    x = jnp.asarray((pixels - np.array(cifar.mean)) / np.array(cifar.std))
+    target = jnp.array([0, 3, 5, 9])
+    ours = np.asarray(lrp(model, params, x, target, composite=composite))
+    twin = torch_twin(model, params)
+    xt = torch.tensor(to_nchw(np.asarray(x))).requires_grad_(True)
+    logits = twin(xt).detach()
+    seed = torch.nn.functional.one_hot(torch.tensor(np.asarray(target)), 10).to(logits) * logits
+    if composite == "epsilon_gamma_box":
+        low, high = color_bounds(xt)
+        zc = ZENNIT_COMPOSITES[composite](low=low, high=high)
+    else:
+        zc = zennit_composite(composite, xt)
+    with Gradient(model=twin, composite=zc) as attributor:
+        _, relevance = attributor(xt, seed)
+    ref = to_nhwc(relevance.numpy())
+    assert np.abs(ref).max() > 0
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.peers
+def test_lrp_on_the_seed_001_cnn_equals_zennit():
+    model = CNN()
+    params = random_params(model, seed=4, bias_scale=0.01)
+    pixels = np.random.default_rng(4).uniform(0, 1, (5, 28, 28, 1))
+    x = jnp.asarray((pixels - 0.1307) / 0.3081)
+    target = jnp.argmax(model.apply({"params": params}, x), 1)
+    ours = np.asarray(lrp(model, params, x, target, composite="epsilon_plus_flat"))
+    ref = zennit_lrp(model, params, np.asarray(x), target, "epsilon_plus_flat")
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
