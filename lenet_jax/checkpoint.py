@@ -28,7 +28,12 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(run_dir: str | Path, state, metadata: dict[str, Any]) -> Path:
-    """Writes the state and metadata of epoch ``metadata["epoch"]``; returns the JSON path."""
+    """Writes the state and metadata of epoch ``metadata["epoch"]``; returns the JSON path.
+
+    With several processes (``jax.distributed``), only process 0 writes; the state is replicated.
+    """
+    import jax
+
     ckpt_dir = Path(run_dir) / "checkpoints"
     epoch = int(metadata["epoch"])
     payload = serialization.to_bytes(
@@ -39,13 +44,16 @@ def save_checkpoint(run_dir: str | Path, state, metadata: dict[str, Any]) -> Pat
             "key": _key_data(state.key),
         }
     )
+    json_path = ckpt_dir / f"epoch_{epoch:03d}.json"
+    if jax.process_index() != 0:
+        return json_path
     state_path = atomic_write_bytes(ckpt_dir / f"epoch_{epoch:03d}.msgpack", payload)
     meta = {
         **metadata,
         "state_file": state_path.name,
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    return atomic_write_json(ckpt_dir / f"epoch_{epoch:03d}.json", meta)
+    return atomic_write_json(json_path, meta)
 
 
 def _key_data(key):

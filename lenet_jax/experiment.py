@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax import checkpoint
-from lenet_jax.data import get_dataset, load_dataset, normalized_range
+from lenet_jax import checkpoint, parallel
+from lenet_jax.data import get_dataset, load_dataset
 from lenet_jax.io import atomic_write_json
 from lenet_jax.models import (
     SequentialModel,
@@ -28,9 +28,9 @@ from lenet_jax.train import (
     TrainingDiverged,
     classification_report,
     create_train_state,
+    make_augment,
     make_optimizer,
     predict,
-    random_affine,
     summarize,
     train_epoch,
 )
@@ -66,6 +66,7 @@ def train_and_evaluate(
     train_limit: int | None = None,
     figures: bool = True,
     progress: bool = True,
+    mesh: Any = "auto",
 ) -> dict[str, Any]:
     """Trains ``model`` with ``config``, checkpointing to ``run_dir`` after every epoch.
 
@@ -78,6 +79,8 @@ def train_and_evaluate(
       train_limit: train on the first N training images only (smoke runs).
       figures: write the PNG figures at the end.
       progress: show tqdm bars.
+      mesh: ``"auto"`` splits every batch over all devices when there are several
+        (``lenet_jax.parallel``); a ``jax.sharding.Mesh`` to choose; ``None`` for one device.
 
     Returns:
       The final metrics dict (also written to ``run_dir/metrics.json``).
@@ -113,7 +116,14 @@ def train_and_evaluate(
     test_x, test_y = load_dataset(ds.name, "test", **load)
     if train_limit:
         train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
+    mesh = parallel.default_mesh() if mesh == "auto" else mesh
+    parallel.check_batch(config.batch_size, mesh)
+    if mesh is None:
+        images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
+    else:  # the whole training set on every device; each step splits its batch
+        images, labels = (
+            parallel.make_global(a, parallel.replicated(mesh)) for a in (train_x, train_y)
+        )
     test_images = jnp.asarray(test_x)
 
     root = jax.random.key(config.seed)
@@ -129,6 +139,9 @@ def train_and_evaluate(
         history = meta.get("history", [])
         start_epoch = meta["epoch"] + 1
         _log(f"Resuming {run_dir} after epoch {meta['epoch']} (step {int(state.step)})")
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+        _log(f"Data parallel over {mesh.size} devices ({jax.devices()[0].device_kind})")
 
     base_meta = {
         "model": mcfg,
@@ -140,16 +153,9 @@ def train_and_evaluate(
         "train_limit": train_limit,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
+        "devices": 1 if mesh is None else mesh.size,
     }
-    augment = None
-    if config.augment_shift or config.augment_rotate:
-        black = normalized_range(ds.name)[0]
-
-        def augment(key, x):
-            return random_affine(
-                key, x, max_shift=config.augment_shift, max_rotate=config.augment_rotate, fill=black
-            )
-
+    augment = make_augment(config, ds.name)
     fns: dict = {}
     for epoch in range(start_epoch, config.epochs + 1):
         bar = tqdm(
@@ -178,6 +184,7 @@ def train_and_evaluate(
             label_smoothing=config.label_smoothing,
             preprocess=model.preprocess,
             augment=augment,
+            mesh=mesh,
         )
         train_metrics = summarize(sums)
         seconds = time.perf_counter() - t0
@@ -188,7 +195,7 @@ def train_and_evaluate(
                 f"the last good checkpoint (epoch {epoch - 1}) is kept in {run_dir}"
             )
         test_report = classification_report(
-            predict(model, state.params, test_images, config.eval_batch_size), test_y
+            predict(model, state.params, test_images, config.eval_batch_size, mesh), test_y
         )
         history.append(
             {

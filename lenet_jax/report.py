@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax import checkpoint, explain
+from lenet_jax import checkpoint, explain, parallel
 from lenet_jax.data import get_dataset, load_dataset, normalized_range, to_pixels
 from lenet_jax.explain._common import target_logit
 from lenet_jax.io import atomic_savez
@@ -39,9 +39,10 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
 
 
 def explain_method(name: str, model, params, x, **options):
-    """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit."""
+    """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit,
+    with the batch split over every device when there are several (``lenet_jax.parallel``)."""
     fn = jax.jit(functools.partial(explain.attribute, name, model, **options))
-    out = fn(params, x)
+    out = parallel.sharded_call(fn, parallel.default_mesh(), params, x)
     return out if out.ndim == 3 else out.sum(-1)
 
 
@@ -233,6 +234,15 @@ def evaluate_run(
     )
     x = model.preprocess(images[:n])
     target = jnp.argmax(model.apply({"params": params}, x), axis=1).astype(jnp.int32)
+    mesh = parallel.default_mesh()
+    if mesh is not None:  # every jitted call below follows its inputs: batch split, params copied
+        if n % mesh.size or n_randomization % mesh.size:
+            raise ValueError(
+                f"--n {n} and --n-randomization {n_randomization} must be multiples of the "
+                f"{mesh.size} devices"
+            )
+        x, target = (parallel.make_global(a, parallel.batch_sharding(mesh)) for a in (x, target))
+        params = parallel.replicate(params, mesh)
     xr, tr = x[:n_randomization], target[:n_randomization]
     flip = functools.partial(evaluate.pixel_flipping, model, patch=patch, n_steps=n_steps)
     flip = jax.jit(flip, static_argnames=("order",))

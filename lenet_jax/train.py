@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from lenet_jax import parallel
+from lenet_jax.data import normalized_range
 from lenet_jax.data import preprocess as mnist_preprocess
 
 
@@ -166,6 +168,21 @@ def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float
     return jax.vmap(one)(x_BHWC, src_r, src_c)
 
 
+def make_augment(config: TrainConfig, dataset: str = "mnist") -> Callable | None:
+    """``augment(key, images)`` for ``train_step`` from the config's augmentation settings (pixels
+    moved in from outside the image are the dataset's black), or ``None`` when both are 0."""
+    if not (config.augment_shift or config.augment_rotate):
+        return None
+    black = normalized_range(dataset)[0]
+
+    def augment(key, x):
+        return random_affine(
+            key, x, max_shift=config.augment_shift, max_rotate=config.augment_rotate, fill=black
+        )
+
+    return augment
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -235,6 +252,7 @@ def make_step_fn(
     label_smoothing: float = 0.0,
     preprocess: Callable | None = None,
     augment: Callable | None = None,
+    mesh=None,
 ):
     """The jitted CPU step: gathers batch ``i`` from device-resident data, steps, adds metrics.
 
@@ -242,16 +260,19 @@ def make_step_fn(
       label_smoothing: smoothing of the one-hot targets.
       preprocess: uint8 images -> model inputs (``model.preprocess``); default MNIST for LeNet-5.
       augment: see ``train_step``.
+      mesh: a ``lenet_jax.parallel.data_mesh``: the batch is split over its devices (data
+        parallelism; pass the state and data replicated on it); ``None`` for one device.
 
     Returns:
       ``step(state, sums, images, labels, idx, weight, i) -> (state, sums)``; the state and the
       running sums are donated.
     """
-
     preprocess = preprocess or mnist_preprocess
 
     def step(state, sums, images, labels, idx, weight, i):
-        batch = _gather(preprocess, images, labels, idx[i], weight[i])
+        batch = parallel.constrain_batch(
+            _gather(preprocess, images, labels, idx[i], weight[i]), mesh
+        )
         state, metrics = train_step(state, batch, label_smoothing, augment)
         return state, _add(sums, metrics)
 
@@ -262,6 +283,7 @@ def make_epoch_fn(
     label_smoothing: float = 0.0,
     preprocess: Callable | None = None,
     augment: Callable | None = None,
+    mesh=None,
 ):
     """The jitted accelerator epoch: ``lax.scan`` of the step over all batches.
 
@@ -276,7 +298,7 @@ def make_epoch_fn(
     def epoch(state, images, labels, idx, weight):
         def body(carry, xs):
             state, sums = carry
-            batch = _gather(preprocess, images, labels, *xs)
+            batch = parallel.constrain_batch(_gather(preprocess, images, labels, *xs), mesh)
             state, metrics = train_step(state, batch, label_smoothing, augment)
             return (state, _add(sums, metrics)), None
 
@@ -307,6 +329,7 @@ def train_epoch(
     label_smoothing: float = 0.0,
     preprocess: Callable | None = None,
     augment: Callable | None = None,
+    mesh=None,
 ):
     """Trains one epoch over device-resident uint8 ``images [N, H, W(, C)]`` and ``labels [N]``.
 
@@ -316,28 +339,38 @@ def train_epoch(
       loop: ``"python"`` (dispatch the jitted step), ``"scan"`` (one jitted epoch) or ``"auto"``.
       fns: cache for the jitted functions (pass the same dict every epoch to compile once).
       progress: called as ``progress(steps_done, running_sums)`` about every 50 steps.
-      label_smoothing, preprocess, augment: see ``make_step_fn``.
+      label_smoothing, preprocess, augment, mesh: see ``make_step_fn``; with a mesh, ``state``,
+        ``images`` and ``labels`` live replicated on it (``lenet_jax.parallel.replicate``).
 
     Returns:
       ``(state, sums)`` with the summed metrics of the epoch.
     """
     fns = {} if fns is None else fns
+    parallel.check_batch(batch_size, mesh)
     idx, weight = epoch_batches(data_key, epoch, images.shape[0], batch_size)
+    if mesh is not None:
+        idx, weight = parallel.replicate((idx, weight), mesh)
     steps = idx.shape[0]
     if resolve_loop(loop) == "scan":
         fn = fns.get("scan") or fns.setdefault(
-            "scan", make_epoch_fn(label_smoothing, preprocess, augment)
+            "scan", make_epoch_fn(label_smoothing, preprocess, augment, mesh)
         )
         state, sums = fn(state, images, labels, idx, weight)
         if progress:
             progress(steps, sums)
         return state, sums
     fn = fns.get("step") or fns.setdefault(
-        "step", make_step_fn(label_smoothing, preprocess, augment)
+        "step", make_step_fn(label_smoothing, preprocess, augment, mesh)
     )
-    sums = _zero_metrics()
+    sums = _zero_metrics() if mesh is None else parallel.replicate(_zero_metrics(), mesh)
+    # XLA's CPU devices are threads of one pool: with many sharded steps queued, the threads of one
+    # step's all-reduce can wait behind the next steps' work until the rendezvous times out, so a
+    # mesh on the CPU runs its steps one at a time.
+    sync = mesh is not None and jax.default_backend() == "cpu"
     for i in range(steps):
         state, sums = fn(state, sums, images, labels, idx, weight, i)
+        if sync:
+            jax.block_until_ready(sums)
         if progress and ((i + 1) % 50 == 0 or i + 1 == steps):
             progress(i + 1, sums)
     return state, sums
@@ -346,8 +379,10 @@ def train_epoch(
 # --------------------------------------------------------------------------- evaluation
 
 
-def predict(model, params, images, batch_size: int = 1000):
+def predict(model, params, images, batch_size: int = 1000, mesh=None):
     """Logits for uint8 ``images`` of the model's dataset, in jitted batches of one shape.
+
+    With a ``mesh``, each batch is split over its devices.
 
     Returns:
       float32 ``[N, num_classes]`` numpy array.
@@ -360,7 +395,11 @@ def predict(model, params, images, batch_size: int = 1000):
         pad = batch_size - chunk.shape[0] if n > batch_size else 0
         if pad:
             chunk = jnp.concatenate([chunk, jnp.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(apply(params, chunk))[: batch_size - pad])
+        if mesh is None:
+            out.append(np.asarray(apply(params, chunk))[: batch_size - pad])
+        else:
+            logits = parallel.sharded_call(apply, mesh, params, np.asarray(chunk))
+            out.append(np.asarray(logits)[: chunk.shape[0] - pad])
     return np.concatenate(out)
 
 

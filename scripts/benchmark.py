@@ -22,14 +22,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lenet_jax import cli, explain  # noqa: E402
-from lenet_jax.data import load_mnist, preprocess  # noqa: E402
+from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
 from lenet_jax.report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     TrainConfig,
     create_train_state,
+    make_augment,
     make_optimizer,
+    predict,
     train_epoch,
 )
 
@@ -47,7 +50,9 @@ def timeit(fn, repeats):
     return first, statistics.median(times), times
 
 
-def bench_train(images, labels, repeats, batch_size):
+def bench_train(images, labels, repeats, batch_size, mesh=None):
+    from lenet_jax import parallel
+
     model = LeNet5()
     config = TrainConfig(batch_size=batch_size)
     steps = -(-images.shape[0] // batch_size)
@@ -57,6 +62,8 @@ def bench_train(images, labels, repeats, batch_size):
         make_optimizer(config, steps),
         jax.random.key(1),
     )
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
     fns, box, epoch = {}, [state], [0]
 
     def run():
@@ -69,6 +76,7 @@ def bench_train(images, labels, repeats, batch_size):
             data_key=jax.random.key(2),
             batch_size=batch_size,
             fns=fns,
+            mesh=mesh,
         )
         return box[0].params, sums
 
@@ -81,7 +89,8 @@ def bench_train(images, labels, repeats, batch_size):
     }
 
 
-def bench_torch_train(images, labels, repeats, batch_size):
+def torch_lenet():
+    """LeNet-5 in PyTorch with the seed tutorial's SGD (lr 0.01, momentum 0.9)."""
     import torch
     from torch import nn
 
@@ -100,10 +109,15 @@ def bench_torch_train(images, labels, repeats, batch_size):
         nn.Tanh(),
         nn.Linear(84, 10),
     )
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), nn.CrossEntropyLoss()
+
+
+def bench_torch_train(images, labels, repeats, batch_size):
+    import torch
+
+    net, opt, loss_fn = torch_lenet()
     x = torch.tensor(np.asarray(preprocess(images))).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(np.asarray(labels)).long()
-    loss_fn = nn.CrossEntropyLoss()
 
     def run():
         perm = torch.randperm(len(y))
@@ -124,6 +138,144 @@ def bench_torch_train(images, labels, repeats, batch_size):
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+
+
+def bench_torch_seed_pipeline(images, labels, repeats, batch_size=64):
+    """The seed tutorial's PyTorch pipeline: per-sample PIL transforms and a ``DataLoader``."""
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    transform = transforms.Compose(
+        [transforms.Resize((32, 32)), transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
+    )
+
+    class Digits(Dataset):
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return transform(Image.fromarray(images[i], mode="L")), int(labels[i])
+
+    net, opt, loss_fn = torch_lenet()
+    loader = DataLoader(Digits(), batch_size=batch_size, shuffle=True)
+
+    def run():
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(net(xb), yb).backward()
+            opt.step()
+
+    first, median, times = timeit(run, repeats)
+    return {
+        "name": f"PyTorch seed pipeline (PIL transforms, DataLoader), batch {batch_size}",
+        "first_s": first,
+        "median_s": median,
+        "times": times,
+        "torch": torch.__version__,
+    }
+
+
+def bench_time_to_accuracy(train, test, preset, target=0.99):
+    """Training seconds (evaluation excluded) until the test accuracy reaches ``target``."""
+    model = LeNet5()
+    config = recipe("lenet5", preset)
+    images, labels = jnp.asarray(train[0]), jnp.asarray(train[1])
+    steps = -(-images.shape[0] // config.batch_size)
+    state = create_train_state(
+        model,
+        init_params(model, jax.random.key(config.seed)),
+        make_optimizer(config, steps),
+        jax.random.key(1),
+    )
+    fns, total, first, history = {}, 0.0, None, []
+    augment = make_augment(config)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        state, _ = train_epoch(
+            state,
+            images,
+            labels,
+            epoch=epoch,
+            data_key=jax.random.key(2),
+            batch_size=config.batch_size,
+            fns=fns,
+            label_smoothing=config.label_smoothing,
+            augment=augment,
+        )
+        jax.block_until_ready(state.params)
+        seconds = time.perf_counter() - t0
+        first = seconds if first is None else first
+        total += seconds
+        accuracy = float(
+            (predict(model, state.params, jnp.asarray(test[0])).argmax(1) == test[1]).mean()
+        )
+        history.append({"epoch": epoch, "seconds": seconds, "test_accuracy": accuracy})
+        print(f"  epoch {epoch}: {accuracy:.4f} after {total:.1f} s", flush=True)
+        if accuracy >= target:
+            break
+    reached = history[-1]["test_accuracy"] >= target
+    return {
+        "name": f"JAX time to {100 * target:.1f}% test accuracy (--preset {preset}, "
+        f"{'epoch ' + str(len(history)) if reached else 'not reached'})",
+        "first_s": first,
+        "median_s": total,
+        "times": [h["seconds"] for h in history],
+        "history": history,
+        "reached": reached,
+    }
+
+
+def bench_devices(repeats, images):
+    """1 vs 8 simulated CPU devices, in a child process (the device count is fixed at start-up)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    cmd = [sys.executable, __file__, "--devices-child", "--repeats", str(repeats)]
+    r = subprocess.run([*cmd, "--images", str(images)], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"the 8-device child failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def devices_child(repeats, n_images):
+    """Epoch (batch 64) and LRP of the test set on device 0 alone, then split over all devices."""
+    import json
+
+    from lenet_jax import parallel
+
+    train_x, train_y = load_mnist("train", progress=False)
+    test_x, _ = load_mnist("test", progress=False)
+    model = LeNet5()
+    params = init_params(model, jax.random.key(0))
+    x = np.asarray(preprocess(jnp.asarray(test_x[:n_images])))
+    lrp = jax.jit(functools.partial(explain.lrp, model, composite="epsilon_plus_flat"))
+    rows = []
+    for mesh in (None, parallel.data_mesh()):
+        label = "1 device" if mesh is None else f"{mesh.size} simulated CPU devices"
+        if mesh is None:
+            data = (jnp.asarray(train_x), jnp.asarray(train_y))
+        else:
+            rep = parallel.replicated(mesh)
+            data = (parallel.make_global(train_x, rep), parallel.make_global(train_y, rep))
+        row = bench_train(*data, repeats, 64, mesh=mesh)
+        rows.append({**row, "name": f"JAX epoch, batch 64, {label}"})
+        first, median, times = timeit(
+            lambda mesh=mesh: parallel.sharded_call(lrp, mesh, params, x), repeats
+        )
+        rows.append(
+            {
+                "name": f"JAX lrp, {label}",
+                "first_s": first,
+                "median_s": median,
+                "times": times,
+                "images_per_s": n_images / median,
+            }
+        )
+    print(json.dumps(rows))
 
 
 # method -> options for the whole-test-set call (chunking bounds the memory of the heavy ones)
@@ -302,14 +454,26 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("train", "explain", "accuracy", "devices")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="train,explain", help="comma-separated: train, explain")
+    p.add_argument(
+        "--only",
+        default="train,explain",
+        help="comma-separated sections: " + ", ".join(SECTIONS),
+    )
     p.add_argument(
         "--methods", default=",".join(explain.METHODS), help="methods for the explain section"
     )
     p.add_argument("--repeats", type=cli.positive_int, default=5)
     p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--large-batch", type=cli.positive_int, default=1024)
+    p.add_argument(
+        "--preset", default="fast", choices=sorted(PRESETS), help="recipe of the accuracy section"
+    )
+    p.add_argument("--devices-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit/captum")
     p.add_argument("--captum", action="store_true", help="also time captum (minutes on a CPU)")
     p.add_argument(
@@ -325,9 +489,12 @@ def main(argv=None) -> int:
         help="output stem: writes STEM.json and STEM.md",
     )
     args = p.parse_args(argv)
+    if args.devices_child:
+        devices_child(args.repeats, args.images)
+        return 0
     sections = set(args.only.split(","))
     methods = args.methods.split(",")
-    bad = sorted(sections - {"train", "explain"}) + sorted(set(methods) - set(explain.METHODS))
+    bad = sorted(sections - set(SECTIONS)) + sorted(set(methods) - set(explain.METHODS))
     if bad:
         p.error(f"unknown section or method {bad[0]!r}")
     peers = not args.no_peers
@@ -359,6 +526,37 @@ def main(argv=None) -> int:
             pt = bench_torch_train(train_x, train_y, args.repeats, args.batch_size)
             results["rows"].append(pt)
             results["ratios"]["JAX epoch / PyTorch peer epoch"] = jx["median_s"] / pt["median_s"]
+            seed = bench_torch_seed_pipeline(train_x, train_y, max(1, min(args.repeats, 2)))
+            results["rows"].append(seed)
+            results["ratios"]["PyTorch seed pipeline epoch / JAX epoch"] = (
+                seed["median_s"] / jx["median_s"]
+            )
+        big = bench_train(
+            jnp.asarray(train_x), jnp.asarray(train_y), args.repeats, args.large_batch
+        )
+        results["rows"].append(big)
+        if peers:
+            pt_big = bench_torch_train(train_x, train_y, args.repeats, args.large_batch)
+            results["rows"].append(pt_big)
+            results["ratios"][f"JAX epoch / PyTorch peer epoch, batch {args.large_batch}"] = (
+                big["median_s"] / pt_big["median_s"]
+            )
+    if "accuracy" in sections:
+        print(f"time to 99.0% (--preset {args.preset}) ...", flush=True)
+        test_y = load_mnist("test", progress=False)[1]
+        results["rows"].append(
+            bench_time_to_accuracy((train_x, train_y), (test_x, test_y), args.preset)
+        )
+    if "devices" in sections:
+        print("1 vs 8 simulated devices ...", flush=True)
+        rows = bench_devices(max(1, min(args.repeats, 3)), args.images)
+        results["rows"] += rows
+        results["ratios"]["epoch time, 8 simulated devices / 1 device"] = (
+            rows[2]["median_s"] / rows[0]["median_s"]
+        )
+        results["ratios"]["LRP time, 8 simulated devices / 1 device"] = (
+            rows[3]["median_s"] / rows[1]["median_s"]
+        )
     if "explain" in sections:
         print("explain 10k test images ...", flush=True)
         model = LeNet5()

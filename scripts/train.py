@@ -75,9 +75,23 @@ def main(argv=None) -> int:
         default=None,
         help="train on the first N training images (quick runs)",
     )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() first; on SLURM, Open MPI and TPU "
+        "pods it finds the cluster itself, elsewhere give the three options below",
+    )
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host)")
+    p.add_argument("--num-processes", type=cli.positive_int, default=None, help="(multi-host)")
+    p.add_argument("--process-id", type=int, default=None, help="0..num-processes-1")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     from lenet_jax.experiment import latest_run, new_run_dir, train_and_evaluate
     from lenet_jax.models import build_model
