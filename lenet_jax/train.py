@@ -138,25 +138,24 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the step
 
 
-def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float, fill):
-    """Random translations and rotations of a batch, one draw per image, on device.
+def affine(x_BHWC, angle_B, shift_B2, fill):
+    """Rotates each image by ``angle_B`` radians (clockwise on screen, about its center), then moves it
+    by ``shift_B2`` pixels (rows down, columns right), with bilinear interpolation.
 
-    Each image is rotated by an angle uniform in ``±max_rotate`` degrees about its center and moved
-    by a shift uniform in ``±max_shift`` pixels per axis (bilinear interpolation); pixels from
-    outside the image take the value ``fill`` (scalar or ``[C]``: the normalized background).
+    Pixels that come from outside the image take the value ``fill`` (scalar or ``[C]``).
     """
     b, h, w, c = x_BHWC.shape
-    k_angle, k_shift = jax.random.split(key)
-    angle = jnp.deg2rad(jax.random.uniform(k_angle, (b,), minval=-max_rotate, maxval=max_rotate))
-    shift = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
     rows, cols = jnp.meshgrid(
-        jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij"
+        jnp.arange(h, dtype=x_BHWC.dtype) - (h - 1) / 2,
+        jnp.arange(w, dtype=x_BHWC.dtype) - (w - 1) / 2,
+        indexing="ij",
     )
-    cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
-    # inverse map: where in the source each output pixel comes from
-    src_r = cos * (rows - shift[:, 0, None, None]) + sin * (cols - shift[:, 1, None, None])
-    src_c = -sin * (rows - shift[:, 0, None, None]) + cos * (cols - shift[:, 1, None, None])
-    src_r, src_c = src_r + (h - 1) / 2, src_c + (w - 1) / 2
+    cos, sin = jnp.cos(angle_B)[:, None, None], jnp.sin(angle_B)[:, None, None]
+    # the inverse map: where in the source image each output pixel comes from
+    dr = rows[None] - shift_B2[:, 0, None, None]
+    dc = cols[None] - shift_B2[:, 1, None, None]
+    src_r = cos * dr - sin * dc + (h - 1) / 2
+    src_c = sin * dr + cos * dc + (w - 1) / 2
     fill = jnp.broadcast_to(jnp.asarray(fill, x_BHWC.dtype), (c,))
 
     def one(img_HWC, r, q):
@@ -166,6 +165,16 @@ def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float
         return jax.vmap(channel, in_axes=(2, 0), out_axes=2)(img_HWC, fill)
 
     return jax.vmap(one)(x_BHWC, src_r, src_c)
+
+
+def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float, fill):
+    """``affine`` with one random draw per image: an angle uniform in ``±max_rotate`` degrees and a
+    shift uniform in ``±max_shift`` pixels per axis."""
+    b = x_BHWC.shape[0]
+    k_angle, k_shift = jax.random.split(key)
+    angle = jax.random.uniform(k_angle, (b,), x_BHWC.dtype, -max_rotate, max_rotate)
+    shift = jax.random.uniform(k_shift, (b, 2), x_BHWC.dtype, -max_shift, max_shift)
+    return affine(x_BHWC, jnp.deg2rad(angle), shift, fill)
 
 
 def make_augment(config: TrainConfig, dataset: str = "mnist") -> Callable | None:

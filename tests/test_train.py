@@ -19,10 +19,12 @@ from lenet_jax.models import LeNet5, init_params, model_config
 from lenet_jax.train import (
     TrainConfig,
     TrainingDiverged,
+    affine,
     classification_report,
     compute_metrics,
     create_train_state,
     epoch_batches,
+    make_augment,
     make_optimizer,
     predict,
     train_epoch,
@@ -270,3 +272,38 @@ def test_train_cli_refuses_a_checkpoint_of_another_architecture(tmp_path):
         "num_classes=10, pool='avg') but lenet5(activation='relu', dataset='mnist', "
         "num_classes=10, pool='avg') was requested"
     )
+
+
+def test_affine_rotates_and_shifts_exactly_on_the_pixel_grid():
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 6, 1)), jnp.float32)
+    np.testing.assert_allclose(affine(x, jnp.zeros(2), jnp.zeros((2, 2)), -1.0), x, atol=1e-6)
+    quarter = affine(x, jnp.full(2, np.pi / 2), jnp.zeros((2, 2)), -1.0)
+    np.testing.assert_allclose(quarter[0, :, :, 0], np.rot90(x[0, :, :, 0], -1), atol=1e-6)
+    moved = affine(x, jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, -2.0]]), -1.0)
+    np.testing.assert_allclose(moved[0, 1:], x[0, :-1], atol=1e-6)  # one row down
+    np.testing.assert_array_equal(moved[0, 0], -1.0)  # from outside: the fill value
+    np.testing.assert_allclose(moved[1, :, :-2], x[1, :, 2:], atol=1e-6)  # two columns left
+    color = affine(jnp.zeros((1, 4, 4, 3)), jnp.zeros(1), jnp.array([[2.0, 0.0]]), jnp.arange(3.0))
+    np.testing.assert_array_equal(color[0, 0, 0], [0.0, 1.0, 2.0])  # per-channel fill
+
+
+def test_augmentation_is_drawn_from_the_state_key_and_step():
+    model = LeNet5()
+    config = TrainConfig(augment_shift=2.0, augment_rotate=10.0)
+    augment = make_augment(config)
+    assert make_augment(TrainConfig()) is None
+    tx = make_optimizer(config, 10)
+    batch = {
+        "image": jax.random.normal(jax.random.key(0), (8, 32, 32, 1)),
+        "label": jnp.arange(8) % 10,
+        "weight": jnp.ones(8),
+    }
+
+    def step(key):
+        state = create_train_state(model, init_params(model, jax.random.key(1)), tx, key)
+        return train_step(state, batch, 0.0, augment)[1]["loss_sum"]
+
+    same, again, other = step(jax.random.key(2)), step(jax.random.key(2)), step(jax.random.key(3))
+    assert float(same) == float(again) and float(same) != float(other)
+    plain = create_train_state(model, init_params(model, jax.random.key(1)), tx, jax.random.key(2))
+    assert float(train_step(plain, batch)[1]["loss_sum"]) != float(same)
