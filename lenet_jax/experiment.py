@@ -222,6 +222,8 @@ def train_and_evaluate(
             },
         )
 
+    if jax.process_index() != 0:  # multi-host: process 0 writes and reports
+        return {**base_meta, "epochs": config.epochs, "history": history}
     final = checkpoint.latest_checkpoint(run_dir)[0]
     report = final["test"]
     _log(

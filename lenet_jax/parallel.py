@@ -57,9 +57,17 @@ def make_global(x, sharding: NamedSharding) -> jax.Array:
 
 
 def replicate(tree, mesh: Mesh):
-    """Every leaf of ``tree`` copied to every device of ``mesh``."""
+    """Every leaf of ``tree`` copied to every device of ``mesh`` (of every host: the leaves must
+    hold the same values on every process)."""
     sharding = replicated(mesh)
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, sharding), tree)
+
+    def put(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = make_global(jax.random.key_data(a), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))
+        return make_global(a, sharding)
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def shard_batch(x, mesh: Mesh):
@@ -95,4 +103,12 @@ def sharded_call(fn, mesh: Mesh | None, params, x, *rest):
     xs, n = shard_batch(np.asarray(x), mesh)
     rest = [shard_batch(np.asarray(r), mesh)[0] if np.ndim(r) else r for r in rest]
     out = fn(replicate(params, mesh), xs, *rest)
-    return jax.tree_util.tree_map(lambda a: a[:n], out)
+
+    def local(a):  # on several hosts, every process gets the whole result
+        if not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            a = multihost_utils.process_allgather(a, tiled=True)
+        return a[:n]
+
+    return jax.tree_util.tree_map(local, out)

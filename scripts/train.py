@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     if args.distributed:
         import jax
 
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
     from lenet_jax.experiment import latest_run, new_run_dir, train_and_evaluate

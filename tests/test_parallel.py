@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -33,3 +34,44 @@ def test_a_sharded_epoch_and_sharded_lrp_equal_one_device(loop):
     assert out["lrp_max_diff"] <= 1e-6 * out["lrp_max_abs"]
     # train_and_evaluate picks the mesh by itself when several devices are present
     assert out["run_devices"] == 8
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_json(*args) -> dict:
+    r = subprocess.run(
+        [sys.executable, str(HERE / "multihost_check.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_train_like_one():
+    """Multi-host on one machine: two processes (2 CPU devices each) joined by
+    ``jax.distributed.initialize``, one mesh over their 4 devices, the same epoch as one process."""
+    port = free_port()
+    cmd = [sys.executable, str(HERE / "multihost_check.py"), str(port), "2"]
+    workers = [subprocess.Popen([*cmd, str(i)], stdout=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [json.loads(w.communicate(timeout=600)[0].strip().splitlines()[-1]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    reference = run_json()
+    assert [o["process"] for o in outs] == [0, 1]
+    assert all(o["processes"] == 2 and o["devices"] == 4 for o in outs)
+    assert reference["processes"] == 1 and reference["devices"] == 2
+    for out in outs:
+        assert abs(out["loss_sum"] - reference["loss_sum"]) <= 1e-5 * reference["loss_sum"]
+        diff = np.abs(np.array(out["conv1_kernel"]) - np.array(reference["conv1_kernel"]))
+        assert diff.max() <= 1e-6
+        logits = np.array(out["logits"])  # prediction split over both hosts, gathered on each
+        assert logits.shape == (1000,)
+        np.testing.assert_allclose(logits, reference["logits"], rtol=1e-5, atol=1e-5)
