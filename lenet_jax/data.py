@@ -511,13 +511,13 @@ def load_dataset(
             _from_cache(ds, names, data_dir)  # every source ends with the verified files in place
             break
         except DataError as e:
-            tried.append(f"  {src}: {e}")
+            tried.append(f"{src}: {e}")
     else:
         hint = "raw or .gz" if _is_idx(ds) else "as downloaded"
         raise DataError(
-            f"{ds.title} {split!r} could not be loaded. Tried:\n"
-            + "\n".join(tried)
-            + f"\nTo place the files by hand, put {', '.join(names)} ({hint}) in {data_dir} "
+            f"{ds.title} {split!r} could not be loaded; tried "
+            + "; ".join(tried)
+            + f". To place the files by hand, put {', '.join(names)} ({hint}) in {data_dir} "
             "(or set $LENET_JAX_DATA / --data-dir)."
         )
     if not _is_idx(ds):
