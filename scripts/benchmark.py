@@ -448,7 +448,10 @@ def markdown(results) -> str:
     ]
     for row in results["rows"]:
         ips = f"{row['images_per_s']:,.0f}" if "images_per_s" in row else ""
-        lines.append(f"| {row['name']} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
+        name = row["name"]
+        if "history" in row:  # time to accuracy: the first epoch, then the total of all epochs
+            name += "; first column: epoch 1, second: all epochs"
+        lines.append(f"| {name} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
     if results.get("ratios"):
         lines += ["", *[f"- {k}: {v:.2f}" for k, v in results["ratios"].items()]]
     return "\n".join(lines) + "\n"
