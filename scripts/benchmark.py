@@ -50,6 +50,15 @@ def timeit(fn, repeats):
     return first, statistics.median(times), times
 
 
+def timed_row(name, fn, repeats, images=None, **extra):
+    """A result row: ``timeit(fn, repeats)`` under ``name``, with images/s when ``images`` is given."""
+    first, median, times = timeit(fn, repeats)
+    row = {"name": name, "first_s": first, "median_s": median, "times": times, **extra}
+    if images:
+        row["images_per_s"] = images / median
+    return row
+
+
 def bench_train(images, labels, repeats, batch_size, mesh=None):
     from lenet_jax import parallel
 
@@ -80,13 +89,11 @@ def bench_train(images, labels, repeats, batch_size, mesh=None):
         )
         return box[0].params, sums
 
-    first, median, times = timeit(run, repeats)
-    return {
-        "name": f"JAX epoch, batch {batch_size}",
-        "first_s": first,
-        "median_s": median,
-        "times": times,
-    }
+    return timed_row(
+        f"JAX epoch, batch {batch_size}",
+        run,
+        repeats,
+    )
 
 
 def torch_lenet():
@@ -129,15 +136,13 @@ def bench_torch_train(images, labels, repeats, batch_size):
             opt.step()
         return None
 
-    first, median, times = timeit(run, repeats)
-    return {
-        "name": f"PyTorch peer (preloaded tensors), batch {batch_size}",
-        "first_s": first,
-        "median_s": median,
-        "times": times,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
+    return timed_row(
+        f"PyTorch peer (preloaded tensors), batch {batch_size}",
+        run,
+        repeats,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
 
 
 def bench_torch_seed_pipeline(images, labels, repeats, batch_size=64):
@@ -167,14 +172,12 @@ def bench_torch_seed_pipeline(images, labels, repeats, batch_size=64):
             loss_fn(net(xb), yb).backward()
             opt.step()
 
-    first, median, times = timeit(run, repeats)
-    return {
-        "name": f"PyTorch seed pipeline (PIL transforms, DataLoader), batch {batch_size}",
-        "first_s": first,
-        "median_s": median,
-        "times": times,
-        "torch": torch.__version__,
-    }
+    return timed_row(
+        f"PyTorch seed pipeline (PIL transforms, DataLoader), batch {batch_size}",
+        run,
+        repeats,
+        torch=torch.__version__,
+    )
 
 
 def bench_time_to_accuracy(train, test, preset, target=0.99):
@@ -263,18 +266,8 @@ def devices_child(repeats, n_images):
             data = (parallel.make_global(train_x, rep), parallel.make_global(train_y, rep))
         row = bench_train(*data, repeats, 64, mesh=mesh)
         rows.append({**row, "name": f"JAX epoch, batch 64, {label}"})
-        first, median, times = timeit(
-            lambda mesh=mesh: parallel.sharded_call(lrp, mesh, params, x), repeats
-        )
-        rows.append(
-            {
-                "name": f"JAX lrp, {label}",
-                "first_s": first,
-                "median_s": median,
-                "times": times,
-                "images_per_s": n_images / median,
-            }
-        )
+        run = lambda mesh=mesh: parallel.sharded_call(lrp, mesh, params, x)  # noqa: E731
+        rows.append(timed_row(f"JAX lrp, {label}", run, repeats, images=n_images))
     print(json.dumps(rows))
 
 
@@ -293,19 +286,18 @@ def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
     for name in methods:
         reps = repeats if name in LIGHT else heavy_repeats
         fn = jax.jit(functools.partial(explain.attribute, name, model, **EXPLAIN_OPTIONS[name]))
-        first, median, times = timeit(lambda fn=fn: fn(params, x), reps)
-        rows.append(
-            {
-                "name": f"JAX {name}",
-                "method": name,
-                "first_s": first,
-                "median_s": median,
-                "times": times,
-                "images_per_s": x.shape[0] / median,
-                "options": EXPLAIN_OPTIONS[name],
-            }
+        row = timed_row(
+            f"JAX {name}",
+            lambda fn=fn: fn(params, x),
+            reps,
+            images=x.shape[0],
+            method=name,
+            options=EXPLAIN_OPTIONS[name],
         )
-        print(f"  {name}: {median:.3f} s ({x.shape[0] / median:,.0f} images/s)", flush=True)
+        rows.append(row)
+        print(
+            f"  {name}: {row['median_s']:.3f} s ({row['images_per_s']:,.0f} images/s)", flush=True
+        )
     return rows
 
 
@@ -329,14 +321,12 @@ def bench_zennit(model, params, x, repeats, batch_size=1000):
                 out.append(attributor(xb, seed)[1])
         return None
 
-    first, median, times = timeit(run, repeats)
-    return {
-        "name": f"zennit EpsilonPlusFlat (torch {torch.__version__}, batches of {batch_size})",
-        "first_s": first,
-        "median_s": median,
-        "times": times,
-        "images_per_s": x.shape[0] / median,
-    }
+    return timed_row(
+        f"zennit EpsilonPlusFlat (torch {torch.__version__}, batches of {batch_size})",
+        run,
+        repeats,
+        images=x.shape[0],
+    )
 
 
 def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_steps=50):
@@ -385,18 +375,9 @@ def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_step
     }
     rows = []
     for name, (fn, reps) in specs.items():
-        first, median, times = timeit(chunks(fn), reps)
-        rows.append(
-            {
-                "name": f"captum {name} (torch {torch.__version__})",
-                "method": name,
-                "first_s": first,
-                "median_s": median,
-                "times": times,
-                "images_per_s": x.shape[0] / median,
-            }
-        )
-        print(f"  captum {name}: {median:.3f} s", flush=True)
+        name_ = f"captum {name} (torch {torch.__version__})"
+        rows.append(timed_row(name_, chunks(fn), reps, images=x.shape[0], method=name))
+        print(f"  captum {name}: {rows[-1]['median_s']:.3f} s", flush=True)
     return rows
 
 
@@ -428,15 +409,8 @@ def bench_score_cam_loop(model, params, x, repeats, mask_batch=16):
                 weights = torch.softmax(torch.cat(scores), 0)
                 torch.relu((weights[:, None, None] * acts[0]).sum(0))
 
-    first, median, times = timeit(run, repeats)
-    return {
-        "name": f"Score-CAM per-image loop (torch, masks in batches of {mask_batch})",
-        "method": "score_cam",
-        "first_s": first,
-        "median_s": median,
-        "times": times,
-        "images_per_s": x.shape[0] / median,
-    }
+    name = f"Score-CAM per-image loop (torch, masks in batches of {mask_batch})"
+    return timed_row(name, run, repeats, images=x.shape[0], method="score_cam")
 
 
 def markdown(results) -> str:
