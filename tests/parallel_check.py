@@ -73,13 +73,37 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         import lenet_jax.experiment as experiment
+        import lenet_jax.report as report
 
-        experiment.load_dataset = lambda name, split, **kw: (
-            (images, labels) if split == "train" else (images[:100], labels[:100])
-        )
+        def fake_load(name, split, **kw):
+            return (images, labels) if split == "train" else (images[:100], labels[:100])
+
+        experiment.load_dataset = report.load_dataset = fake_load
         metrics = train_and_evaluate(
             model, config, Path(tmp) / "run", figures=False, progress=False
         )
+        # evaluation and explanation of the run: split over the 8 devices, then on one device
+        evaluation = {}
+        meshes = (("sharded", parallel.default_mesh()), ("single", None))
+        for name, mesh in meshes if sys.argv[1] == "python" else ():  # once is enough
+            parallel.default_mesh = lambda mesh=mesh: mesh
+            results = report.evaluate_run(
+                Path(tmp) / "run",
+                methods=["saliency", "lrp"],
+                composites=["epsilon"],
+                n=16,
+                n_randomization=8,
+                out=Path(tmp) / name,
+                progress=False,
+            )
+            maps = report.explain_method("lrp", model, single.params, x)
+            evaluation[name] = {
+                "rows": [
+                    [r["morf_aopc"], r["lerf_aopc"], r["faithfulness_corr"], r["sparseness"]]
+                    for r in results["rows"]
+                ],
+                "maps": np.asarray(maps).ravel().tolist(),
+            }
     print(
         json.dumps(
             {
@@ -100,6 +124,7 @@ def main():
                 "lrp_shape": list(split.shape),
                 "lrp_shards": lrp_shards,
                 "all_reduce": "all-reduce" in hlo,
+                "evaluation": evaluation,
                 "run_devices": metrics["devices"],
                 "run_steps": metrics["history"][0]["train"],
             }
