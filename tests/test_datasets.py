@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import io
+import os
 import pickle
 import tarfile
 
@@ -167,3 +168,41 @@ def test_tfds_source_reads_each_dataset(tmp_path, name, shape):
         )
     assert images.shape == shape and images.dtype == np.uint8 and images.max() > 0
     assert labels.shape == (5,) and labels.dtype == np.int32 and labels.max() <= 9
+
+
+def test_fashion_mnist_from_a_debian_package_fetched_with_apt_get_download(tmp_path, monkeypatch):
+    """Not installed: ``apt-get download`` (a stand-in script here) and ``dpkg-deb -x``."""
+    import shutil
+    import stat
+
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not available")
+    folder, contents = fashion_files(tmp_path, monkeypatch)
+    installed = "/usr/share/datasets/lenet-jax-test-fashion-mnist"  # does not exist
+    spec = dataclasses.replace(data.DATASETS["fashion_mnist"], debian=("fake-fashion", installed))
+    monkeypatch.setitem(data.DATASETS, "fashion_mnist", spec)
+    # the package tree: DEBIAN/control and the gzipped files under the installed folder
+    tree = tmp_path / "pkg"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: fake-fashion\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: tests <t@example.org>\nDescription: test package\n"
+    )
+    shutil.copytree(folder, tree / installed.lstrip("/"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    apt = bin_dir / "apt-get"
+    apt.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = download ] || exit 2\n'
+        f'dpkg-deb --build "{tree}" "$PWD/$2_1.0_all.deb" >/dev/null\n'
+    )
+    apt.chmod(apt.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "data"
+    images, labels = data.load_dataset(
+        "fashion_mnist", "train", data_dir=out, source="debian", progress=False
+    )
+    assert images.shape == (6, 28, 28)
+    np.testing.assert_array_equal(labels, data.parse_idx(contents["train-labels-idx1-ubyte"]))
+    assert sorted(p.name for p in out.iterdir()) == sorted(data.FILES["train"])
