@@ -1,0 +1,212 @@
+"""Where the CPU time of one LeNet-5 training step goes: ``python scripts/profile_step.py``.
+
+Times (medians of ``--repeats`` jitted calls, each ended by ``block_until_ready``) the whole step as
+the trainer dispatches it, its parts (forward, forward + backward, optimizer update, the dispatch
+of a trivial jitted call), and the forward and backward of every layer on its stored input, next to
+the same layer in PyTorch (backward = forward with backward minus forward; the first layer computes
+no input gradient in either, as in training). Writes ``--out`` JSON and Markdown (default ``docs/profile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lenet_jax import cli  # noqa: E402
+from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from lenet_jax.layers import forward  # noqa: E402
+from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.train import (  # noqa: E402
+    TrainConfig,
+    _zero_metrics,
+    compute_metrics,
+    create_train_state,
+    make_optimizer,
+    make_step_fn,
+)
+
+
+def median_ms(fn, repeats):
+    """Median wall time of ``fn()`` in milliseconds, after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def profile_jax(batch_size, repeats):
+    model = LeNet5()
+    params = init_params(model, jax.random.key(0))
+    config = TrainConfig(batch_size=batch_size)
+    tx = make_optimizer(config, 100)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size * 8, 28, 28), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, batch_size * 8).astype(np.int32))
+    idx = jnp.arange(batch_size * 8, dtype=jnp.int32).reshape(8, batch_size)
+    weight = jnp.ones((8, batch_size), jnp.float32)
+    x = model.preprocess(images[:batch_size])
+    y = labels[:batch_size]
+    rows = {}
+
+    step = make_step_fn()
+    state = create_train_state(
+        model, jax.tree_util.tree_map(jnp.copy, params), tx, jax.random.key(1)
+    )
+    box = [state, _zero_metrics()]  # donated by every step: a copy of the params
+
+    def one_step():
+        box[0], box[1] = step(box[0], box[1], images, labels, idx, weight, 0)
+        return box[1]
+
+    rows["whole step (gather, preprocess, forward, backward, update), dispatched"] = median_ms(
+        one_step, repeats
+    )
+
+    def loss(p):
+        logits = forward(model.layers, p, x)[0]
+        return compute_metrics(logits, y)["loss_sum"]
+
+    fwd = jax.jit(loss)
+    rows["forward + loss"] = median_ms(lambda: fwd(params), repeats)
+    grad = jax.jit(jax.grad(loss))
+    rows["forward + backward (jax.grad)"] = median_ms(lambda: grad(params), repeats)
+    grads = grad(params)
+    opt_state = tx.init(params)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    rows["optimizer update (optax)"] = median_ms(lambda: update(grads, opt_state, params), repeats)
+    noop = jax.jit(lambda a: a + 1)
+    scalar = jnp.zeros(())
+    rows["dispatch of a trivial jitted call"] = median_ms(lambda: noop(scalar), repeats)
+
+    layers = {}
+    _, inputs = forward(model.layers, params, x)
+    for k, (layer, inp) in enumerate(zip(model.layers, inputs, strict=True)):
+        p = params.get(layer.name) if layer.has_params else None
+        f = jax.jit(lambda p, v, layer=layer: layer.apply(p, v))
+        out = f(p, inp)
+        ct = jnp.ones_like(out)
+        if k == 0:  # training needs no gradient for the input itself
+            back = jax.jit(
+                lambda p, v, g, layer=layer: jax.vjp(lambda p: layer.apply(p, v), p)[1](g)
+            )
+        elif layer.has_params:
+            back = jax.jit(lambda p, v, g, layer=layer: jax.vjp(layer.apply, p, v)[1](g))
+        else:
+            back = jax.jit(
+                lambda p, v, g, layer=layer: jax.vjp(lambda v: layer.apply(p, v), v)[1](g)
+            )
+        layers[layer.name] = {
+            "forward": median_ms(lambda f=f, p=p, inp=inp: f(p, inp), repeats),
+            "backward": median_ms(lambda b=back, p=p, inp=inp, ct=ct: b(p, inp, ct), repeats),
+        }
+    return rows, layers, (model, params, np.asarray(x))
+
+
+def profile_torch(model, params, x, repeats):
+    import torch
+
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    twin = torch_twin(model, params, dtype="float32").train()
+    h = torch.tensor(to_nchw(x))
+    out = {}
+    for k, (layer, module) in enumerate(zip(model.layers, twin, strict=True)):
+        inp = h.detach().clone().requires_grad_(k > 0)  # as in training: no input gradient
+
+        def fwd(module=module, inp=inp):
+            with torch.no_grad():
+                return module(inp)
+
+        def fwd_bwd(module=module, inp=inp):
+            inp.grad = None
+            for p in module.parameters():
+                p.grad = None
+            module(inp).sum().backward()
+
+        f_ms = median_ms(fwd, repeats)
+        out[layer.name] = {"forward": f_ms, "backward": max(median_ms(fwd_bwd, repeats) - f_ms, 0)}
+        with torch.no_grad():
+            h = module(h)
+    return out, torch.__version__
+
+
+def markdown(results) -> str:
+    lines = [
+        f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}; "
+        f"batch {results['batch_size']}; medians of {results['repeats']} calls, in ms.",
+        "",
+        "| part of the step | ms |",
+        "|---|---:|",
+        *[f"| {k} | {v:.3f} |" for k, v in results["step"].items()],
+        "",
+    ]
+    torch_layers = results.get("torch_layers")
+    head = "| layer | JAX forward | JAX backward |"
+    rule = "|---|---:|---:|"
+    if torch_layers:
+        head += f" PyTorch {results['torch']} forward | PyTorch backward |"
+        rule += "---:|---:|"
+    lines += [head, rule]
+    for name, t in results["layers"].items():
+        line = f"| {name} | {t['forward']:.3f} | {t['backward']:.3f} |"
+        if torch_layers:
+            line += f" {torch_layers[name]['forward']:.3f} | {torch_layers[name]['backward']:.3f} |"
+        lines.append(line)
+    totals = {k: sum(t[k] for t in results["layers"].values()) for k in ("forward", "backward")}
+    line = f"| all layers, one by one | {totals['forward']:.3f} | {totals['backward']:.3f} |"
+    if torch_layers:
+        tt = {k: sum(t[k] for t in torch_layers.values()) for k in ("forward", "backward")}
+        line += f" {tt['forward']:.3f} | {tt['backward']:.3f} |"
+    lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--repeats", type=cli.positive_int, default=200)
+    p.add_argument("--no-peers", action="store_true", help="skip the PyTorch layers")
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/profile"), help="writes STEM.json, STEM.md"
+    )
+    args = p.parse_args(argv)
+    step, layers, (model, params, x) = profile_jax(args.batch_size, args.repeats)
+    device = jax.devices()[0]
+    results = {
+        "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} CPUs)",
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{device.device_kind}",
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "step": step,
+        "layers": layers,
+    }
+    if not args.no_peers:
+        try:
+            results["torch_layers"], results["torch"] = profile_torch(
+                model, params, x, args.repeats
+            )
+        except ImportError:
+            print("torch not installed: JAX only", flush=True)
+    md = markdown(results)
+    print(md)
+    atomic_write_json(args.out.with_suffix(".json"), results)
+    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
