@@ -1,4 +1,4 @@
-"""The explain and evaluate command lines on a small trained run, as a user runs them."""
+"""The command lines (explain, evaluate, profile, benchmark) on small inputs, as a user runs them."""
 
 import json
 import subprocess
@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_jax.models import LeNet5
 from lenet_jax.report import evaluate_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +123,40 @@ def test_evaluate_rejects_unknown_methods(tiny_run):
     r = run_script("evaluate.py", "--run", tiny_run, "--methods", "saliency,lime")
     assert r.returncode == 1
     assert r.stderr.strip().startswith("evaluate.py: error: unknown method or composite 'lime'")
+
+
+@pytest.mark.slow
+def test_profile_step_takes_the_step_apart(tmp_path):
+    r = run_script("profile_step.py", "--repeats", 2, "--no-peers", "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert sorted(out["layers"]) == sorted(layer.name for layer in LeNet5().layers)
+    assert all(t["forward"] > 0 and t["backward"] > 0 for t in out["layers"].values())
+    step = out["step"]
+    assert len(step) == 5 and all(v > 0 for v in step.values())
+    assert "| conv1 |" in (tmp_path / "p.md").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_writes_its_table(tmp_path, mnist):
+    r = run_script(
+        "benchmark.py",
+        "--only",
+        "explain",
+        "--methods",
+        "lrp,saliency",
+        "--images",
+        64,
+        "--repeats",
+        1,
+        "--no-peers",
+        "--out",
+        tmp_path / "b",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert [row["name"] for row in out["rows"]] == ["JAX lrp", "JAX saliency"]
+    assert all(row["images_per_s"] == 64 / row["median_s"] for row in out["rows"])
+    assert set(out["ratios"]) == {"LRP time / saliency time"}
+    r = run_script("benchmark.py", "--only", "gpu")
+    assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
