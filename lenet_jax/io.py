@@ -62,3 +62,10 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(stem: str | os.PathLike, results: dict, markdown: str) -> None:
+    """Writes ``results`` to ``STEM.json`` and ``markdown`` to ``STEM.md``, each atomically."""
+    stem = Path(stem)
+    atomic_write_json(stem.with_suffix(".json"), results)
+    atomic_write_bytes(stem.with_suffix(".md"), markdown.encode())

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from lenet_jax import cli, explain  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
-from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from lenet_jax.io import write_report  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
 from lenet_jax.report import EVAL_OPTIONS  # noqa: E402
@@ -566,8 +566,7 @@ def main(argv=None) -> int:
             )
     md = markdown(results)
     print(md)
-    atomic_write_json(args.out.with_suffix(".json"), results)
-    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    write_report(args.out, results, md)
     return 0
 
 

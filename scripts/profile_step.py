@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lenet_jax import cli  # noqa: E402
-from lenet_jax.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from lenet_jax.io import write_report  # noqa: E402
 from lenet_jax.layers import forward  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
@@ -203,8 +203,7 @@ def main(argv=None) -> int:
             print("torch not installed: JAX only", flush=True)
     md = markdown(results)
     print(md)
-    atomic_write_json(args.out.with_suffix(".json"), results)
-    atomic_write_bytes(args.out.with_suffix(".md"), md.encode())
+    write_report(args.out, results, md)
     return 0
 
 
