@@ -1,4 +1,4 @@
-"""Explanation reports of a trained run: pick test digits, explain them, save a PNG and an ``.npz``."""
+"""Explanation reports of a trained run: pick test images, explain them, save a PNG and an ``.npz``."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def explain_run(
     data_dir=None,
     data_source=None,
 ) -> dict[str, Path]:
-    """Explains ``n`` test digits of the newest checkpoint in ``run_dir`` and saves the figures.
+    """Explains ``n`` test images of the newest checkpoint in ``run_dir`` and saves the figures.
 
     Args:
       method: a name in ``explain.METHODS`` or ``"all"`` (the side-by-side comparison).
@@ -201,7 +201,7 @@ def evaluate_run(
     data_source=None,
     progress: bool = True,
 ) -> dict:
-    """Scores every method (and LRP composite) on ``n`` test digits of a trained run.
+    """Scores every method (and LRP composite) on ``n`` test images of a trained run.
 
     Writes ``evaluation.md``, ``evaluation.csv``, ``evaluation.json``, ``flipping_curves.png`` and
     ``randomization.png`` into ``out`` (default ``run_dir/evaluation``).

@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or all")
     p.add_argument("--composites", default="all", help="comma-separated LRP composites, or all")
-    p.add_argument("--n", type=cli.positive_int, default=1000, help="test digits to evaluate")
+    p.add_argument("--n", type=cli.positive_int, default=1000, help="test images to evaluate")
     p.add_argument(
         "--n-randomization",
         type=cli.positive_int,
         default=100,
-        help="digits for the randomization cascade (it re-explains 5 times)",
+        help="images for the randomization cascade (it re-explains once per layer with parameters)",
     )
     p.add_argument("--patch", type=cli.positive_int, default=2, help="pixel-flipping patch side")
     p.add_argument("--steps", type=cli.positive_int, default=32, help="pixel-flipping steps")

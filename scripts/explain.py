@@ -1,6 +1,6 @@
 """Explain a trained LeNet-5: ``python scripts/explain.py --method lrp [--run RUN_DIR] [--n 16]``.
 
-Writes a PNG grid (input digit, heatmap, labels) and an ``.npz`` with the attributions. ``--method
+Writes a PNG grid (input image, heatmap, labels) and an ``.npz`` with the attributions. ``--method
 all`` draws every method side by side. Logic: ``lenet_jax.report``.
 """
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         help="LRP composite (rules per layer)",
     )
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
-    p.add_argument("--n", type=cli.positive_int, default=16, help="number of test digits")
+    p.add_argument("--n", type=cli.positive_int, default=16, help="number of test images")
     p.add_argument(
         "--layer",
         default=None,
