@@ -361,16 +361,15 @@ def train_epoch(
         idx, weight = parallel.replicate((idx, weight), mesh)
     steps = idx.shape[0]
     if resolve_loop(loop) == "scan":
-        fn = fns.get("scan") or fns.setdefault(
-            "scan", make_epoch_fn(label_smoothing, preprocess, augment, mesh)
-        )
-        state, sums = fn(state, images, labels, idx, weight)
+        if "scan" not in fns:
+            fns["scan"] = make_epoch_fn(label_smoothing, preprocess, augment, mesh)
+        state, sums = fns["scan"](state, images, labels, idx, weight)
         if progress:
             progress(steps, sums)
         return state, sums
-    fn = fns.get("step") or fns.setdefault(
-        "step", make_step_fn(label_smoothing, preprocess, augment, mesh)
-    )
+    if "step" not in fns:
+        fns["step"] = make_step_fn(label_smoothing, preprocess, augment, mesh)
+    fn = fns["step"]
     sums = _zero_metrics() if mesh is None else parallel.replicate(_zero_metrics(), mesh)
     # XLA's CPU devices are threads of one pool: with many sharded steps queued, the threads of one
     # step's all-reduce can wait behind the next steps' work until the rendezvous times out, so a
@@ -404,11 +403,8 @@ def predict(model, params, images, batch_size: int = 1000, mesh=None):
         pad = batch_size - chunk.shape[0] if n > batch_size else 0
         if pad:
             chunk = jnp.concatenate([chunk, jnp.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        if mesh is None:
-            out.append(np.asarray(apply(params, chunk))[: batch_size - pad])
-        else:
-            logits = parallel.sharded_call(apply, mesh, params, np.asarray(chunk))
-            out.append(np.asarray(logits)[: chunk.shape[0] - pad])
+        logits = parallel.sharded_call(apply, mesh, params, chunk)
+        out.append(np.asarray(logits)[: chunk.shape[0] - pad])
     return np.concatenate(out)
 
 
