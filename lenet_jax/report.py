@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, parallel
-from lenet_jax.data import get_dataset, load_dataset, normalized_range, to_pixels
-from lenet_jax.explain._common import target_logit
+from lenet_jax.data import get_dataset, load_dataset, to_pixels
+from lenet_jax.explain._common import black_like, target_logit
 from lenet_jax.io import atomic_savez
 from lenet_jax.train import predict
 
@@ -284,8 +284,7 @@ def evaluate_run(
         elif name == "integrated_gradients":
             # completeness of the attribution already computed: f(x) − f(x0) − Σ IG
             f = target_logit(model, params, target)
-            black = normalized_range(model.dataset)[0]
-            delta = f(x) - f(jnp.broadcast_to(jnp.asarray(black, x.dtype), x.shape))
+            delta = f(x) - f(black_like(model, x))
             gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
             conservation = float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
         else:

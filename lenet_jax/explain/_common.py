@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lenet_jax.data import normalized_range
 from lenet_jax.layers import forward
 
 
@@ -63,6 +64,11 @@ def target_logit(model, params, target_B):
         return jnp.take_along_axis(logits, target_B[:, None], axis=1)[:, 0]
 
     return f
+
+
+def black_like(model, x):
+    """The black image of the model's dataset, normalized: ``x.shape`` and ``x.dtype``."""
+    return jnp.broadcast_to(jnp.asarray(normalized_range(model.dataset)[0], x.dtype), x.shape)
 
 
 def chunked_map(fn, xs, chunk_size: int | None):

@@ -12,6 +12,7 @@ import numpy as np
 
 from lenet_jax.data import normalized_range
 from lenet_jax.explain._common import (
+    black_like,
     check_input,
     chunked_map,
     logits_of,
@@ -146,8 +147,9 @@ def integrated_gradients(
     """
     t = _prepare(model, params, x, target)
     if baseline is None:
-        baseline = normalized_range(model.dataset)[0]
-    x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+        x0 = black_like(model, x)
+    else:
+        x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
     alphas, weights = _quadrature(method, n_steps)
     alphas, weights = jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype)
 
