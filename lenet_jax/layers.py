@@ -132,7 +132,54 @@ class Flatten:
         return x.reshape(x.shape[0], -1)
 
 
-ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+# Eigen's float32 tanh approximation, the kind XLA's CPU backend emits for ``tanh``: x p(x^2) / q(x^2)
+# on x clamped to +-7.905..., the identity below 4e-4.
+_TANH_P = (
+    4.89352455891786e-03,
+    6.37261928875436e-04,
+    1.48572235717979e-05,
+    5.12229709037114e-08,
+    -8.60467152213735e-11,
+    2.00018790482477e-13,
+    -2.76076847742355e-16,
+)
+_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+
+
+@jax.custom_jvp
+def _tanh_rational(x):
+    c = jnp.clip(x, -7.90531110763549805, 7.90531110763549805)
+    c2 = c * c
+    p = _TANH_P[-1]
+    for a in _TANH_P[-2::-1]:
+        p = p * c2 + a
+    q = _TANH_Q[-1]
+    for b in _TANH_Q[-2::-1]:
+        q = q * c2 + b
+    return jnp.where(jnp.abs(x) < 4e-4, x, c * p / q)
+
+
+@_tanh_rational.defjvp
+def _tanh_rational_jvp(primals, tangents):
+    t = _tanh_rational(primals[0])
+    return t, (1 - t * t) * tangents[0]
+
+
+def tanh(x):
+    """``jnp.tanh``, written out as arithmetic for float32 on CPU.
+
+    XLA's CPU backend evaluates its own ``tanh`` about 4x slower once it is fused with the layer
+    before it; a rational approximation written as multiplies and adds fuses and vectorizes. Its
+    relative error is the same as ``jnp.tanh``'s (3e-7 at most); the two differ on under 1% of
+    inputs, by at most 4 ulp. The derivative is ``1 - tanh^2``, as for ``jnp.tanh``. Other dtypes
+    and backends use ``jnp.tanh``.
+    """
+    if x.dtype == jnp.float32 and jax.default_backend() == "cpu":
+        return _tanh_rational(x)
+    return jnp.tanh(x)
+
+
+ACTIVATIONS = {"tanh": tanh, "relu": jax.nn.relu}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lenet_jax import layers
 from lenet_jax.layers import Conv, forward
 from lenet_jax.models import (
     MODELS,
@@ -81,6 +82,26 @@ def test_every_conv_padding_matches_lax_in_float64(padding, kernel):
         x, params["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     ) + params["bias"].reshape(1, 1, 1, 7)
     np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_tanh_is_the_cpu_rational_in_float32_and_exact_otherwise():
+    x = jnp.concatenate(
+        [
+            jnp.linspace(-12.0, 12.0, 200_001, dtype=jnp.float32),
+            jnp.asarray([0.0, 1e-30, -3e-4, 5e-4, 7.9, -7.95, 1e4, -jnp.inf, jnp.inf], jnp.float32),
+        ]
+    )
+    got = layers.tanh(x)
+    want = np.tanh(np.asarray(x, np.float64))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=4e-7, atol=1e-37)
+    assert float(jnp.max(jnp.abs(got))) <= 1.0
+    np.testing.assert_array_equal(jnp.sign(got), jnp.sign(x))
+    # Its derivative is 1 - tanh^2 of the value it returns (finite everywhere).
+    slope = jax.vmap(jax.grad(layers.tanh))(x)
+    np.testing.assert_array_equal(slope, 1 - got * got)
+    x64 = jnp.linspace(-3.0, 3.0, 101, dtype=jnp.float64)
+    np.testing.assert_array_equal(layers.tanh(x64), jnp.tanh(x64))
 
 
 def test_conv_matches_lax_reference_in_float64():
