@@ -97,11 +97,16 @@ class AvgPool:
     has_params = False
 
     def apply(self, params, x_BHWC):
-        """``[B, H, W, C] -> [B, H/window, W/window, C]``, the window mean."""
+        """``[B, H, W, C] -> [B, H//window, W//window, C]``, the window mean (a remainder of rows or
+        columns is dropped, as ``"VALID"`` pooling does).
+
+        Written as a reshape and a mean, which XLA fuses with the layers before it; on CPU this
+        is several times faster than ``lax.reduce_window``.
+        """
         w = self.window
-        return lax.reduce_window(x_BHWC, 0.0, lax.add, (1, w, w, 1), (1, w, w, 1), "VALID") / (
-            w * w
-        )
+        b, h, wd, c = x_BHWC.shape
+        x = x_BHWC[:, : h // w * w, : wd // w * w]
+        return x.reshape(b, h // w, w, wd // w, w, c).mean(axis=(2, 4))
 
 
 @dataclasses.dataclass(frozen=True)

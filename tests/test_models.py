@@ -84,6 +84,14 @@ def test_every_conv_padding_matches_lax_in_float64(padding, kernel):
     np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-12, atol=1e-12)
 
 
+def test_avg_pool_drops_the_remainder_like_reduce_window():
+    x = jax.random.normal(jax.random.key(6), (2, 7, 9, 3), jnp.float64)
+    pool = layers.AvgPool("p", 2)
+    want = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+    chex.assert_shape(pool.apply(None, x), (2, 3, 4, 3))
+    np.testing.assert_allclose(pool.apply(None, x), want, rtol=1e-13)
+
+
 def test_tanh_is_the_cpu_rational_in_float32_and_exact_otherwise():
     x = jnp.concatenate(
         [
