@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -68,20 +70,62 @@ def test_forward_walk_equals_module_apply(activation, pool):
     assert [a.shape[1:] for a in inputs[:4]] == [(32, 32, 1), (28, 28, 6), (28, 28, 6), (14, 14, 6)]
 
 
+def _lax_conv(padding):
+    return lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+# (input channels, width): one channel (shifted multiply-adds with banded or im2col derivatives),
+# few channels on a narrow input (banded matmul), many channels (im2col).
+CONV_CASES = [(1, 9), (1, 40), (3, 9), (12, 9)]
+
+
+def _value_and_derivatives(fn, x, kernel, cotangent, tangents):
+    """``fn(x, kernel)``, its vjp of ``cotangent`` and its jvp along ``tangents``, in one jit."""
+
+    def run(x, kernel, cotangent, tangents):
+        y, pullback = jax.vjp(fn, x, kernel)
+        return y, pullback(cotangent), jax.jvp(fn, (x, kernel), tangents)[1]
+
+    return jax.jit(run)(x, kernel, cotangent, tangents)
+
+
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
-@pytest.mark.parametrize("kernel", [3, 4, 5])
-def test_every_conv_padding_matches_lax_in_float64(padding, kernel):
+@pytest.mark.parametrize("kernel", [4, 5])
+@pytest.mark.parametrize("channels,width", CONV_CASES)
+def test_every_conv_form_matches_lax_in_float64(padding, kernel, channels, width):
     conv = Conv("c", 7, (kernel, kernel), padding)
-    keys = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(keys[0], (2, 9, 8, 3), jnp.float64)
-    params = {
-        "kernel": jax.random.normal(keys[1], (kernel, kernel, 3, 7), jnp.float64),
-        "bias": jax.random.normal(keys[2], (7,), jnp.float64),
-    }
-    ref = jax.lax.conv_general_dilated(
-        x, params["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    ) + params["bias"].reshape(1, 1, 1, 7)
-    np.testing.assert_allclose(conv.apply(params, x), ref, rtol=1e-12, atol=1e-12)
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (2, 9, width, channels), jnp.float64)
+    k = jax.random.normal(keys[1], (kernel, kernel, channels, 7), jnp.float64)
+    bias = jax.random.normal(keys[2], (7,), jnp.float64)
+    out_shape = (2, 9, width, 7) if padding == "SAME" else (2, 10 - kernel, width + 1 - kernel, 7)
+    cotangent = jax.random.normal(keys[3], out_shape, jnp.float64)
+    tangents = (jax.random.normal(keys[4], x.shape, jnp.float64), k * 0.5)
+    got = _value_and_derivatives(
+        lambda x, k: conv.apply({"kernel": k, "bias": bias}, x), x, k, cotangent, tangents
+    )
+    want = _value_and_derivatives(
+        lambda x, k: _lax_conv(padding)(x, k) + bias.reshape(1, 1, 1, 7), x, k, cotangent, tangents
+    )
+    chex.assert_trees_all_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("banded", [True, False])
+def test_one_channel_conv_derivatives_through_either_matmul_form(banded):
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(keys[0], (3, 12, 11, 1), jnp.float64)
+    kernel = jax.random.normal(keys[1], (5, 4, 1, 6), jnp.float64)
+    g = jax.random.normal(keys[2], (3, 8, 8, 6), jnp.float64)
+    ours = functools.partial(layers._conv_shifted, banded=banded)
+    np.testing.assert_allclose(ours(x, kernel), _lax_conv("VALID")(x, kernel), atol=1e-12)
+    for got, want in zip(
+        jax.vjp(ours, x, kernel)[1](g),
+        jax.vjp(_lax_conv("VALID"), x, kernel)[1](g),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
 
 def test_avg_pool_drops_the_remainder_like_reduce_window():

@@ -29,9 +29,11 @@ def test_a_sharded_epoch_and_sharded_lrp_equal_one_device(loop):
     assert out["count_sharded"] == 1024.0
     assert out["state_sharding"] == "P()" and out["state_devices"] == 8  # replicated
     assert out["all_reduce"], "the step was not partitioned over the devices"
-    # LRP: per-image, so splitting the batch changes nothing (20 images padded to 24, then cut)
+    # LRP: per-image, so splitting the batch (20 images padded to 24, then cut) changes only float32
+    # rounding (the matmuls block a batch of 3 differently from one of 24, and LRP's divisions by
+    # small z amplify it); a wrong shard would be off by the order of the relevance itself
     assert out["lrp_shape"] == [20, 32, 32, 1] and out["lrp_shards"] == 8
-    assert out["lrp_max_diff"] <= 1e-6 * out["lrp_max_abs"]
+    assert out["lrp_max_diff"] <= 1e-4 * out["lrp_max_abs"]
     # train_and_evaluate picks the mesh by itself when several devices are present
     assert out["run_devices"] == 8
     if loop == "scan":
