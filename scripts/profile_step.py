@@ -4,15 +4,22 @@ Times (medians of ``--repeats`` jitted calls, each ended by ``block_until_ready`
 the trainer dispatches it, its parts (forward, forward + backward, optimizer update, the dispatch
 of a trivial jitted call), and the forward and backward of every layer on its stored input, next to
 the same layer in PyTorch (backward = forward with backward minus forward; the first layer computes
-no input gradient in either, as in training). Writes ``--out`` JSON and Markdown (default ``docs/profile``).
+no input gradient in either, as in training), and the compiled step's slowest operations from a
+``jax.profiler`` trace (each XLA op's time per step, with the JAX operation it came from). Writes
+``--out`` JSON and Markdown (default ``docs/profile``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,6 +81,12 @@ def profile_jax(batch_size, repeats):
     rows["whole step (gather, preprocess, forward, backward, update), dispatched"] = median_ms(
         one_step, repeats
     )
+    # a step without donation, so the same arguments can be traced repeatedly
+    ops = trace_ops(
+        jax.jit(step.__wrapped__),
+        (box[0], box[1], images, labels, idx, weight, 0),
+        max(repeats // 4, 2),
+    )
 
     def loss(p):
         logits = forward(model.layers, p, x)[0]
@@ -112,7 +125,40 @@ def profile_jax(batch_size, repeats):
             "forward": median_ms(lambda f=f, p=p, inp=inp: f(p, inp), repeats),
             "backward": median_ms(lambda b=back, p=p, inp=inp, ct=ct: b(p, inp, ct), repeats),
         }
-    return rows, layers, (model, params, np.asarray(x))
+    return rows, layers, ops, (model, params, np.asarray(x))
+
+
+def trace_ops(step_fn, args, steps, top=20):
+    """The ``top`` slowest XLA operations of the compiled ``step_fn(*args)``, from a profiler trace.
+
+    Runs ``steps`` calls (after 5 untraced ones) under ``jax.profiler.trace`` and sums the trace's
+    events per XLA op name.
+    Returns ``[{"op", "shape", "source", "us_per_step"}]``; ``source`` is the JAX operation the op
+    came from (its ``op_name`` metadata in the compiled HLO).
+    """
+    hlo = step_fn.lower(*args).compile().as_text()
+    for _ in range(5):
+        jax.block_until_ready(step_fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            out = None
+            for _ in range(steps):
+                out = step_fn(*args)
+            jax.block_until_ready(out)
+        (trace,) = Path(tmp).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X":
+            totals[e["name"]] += e["dur"]
+    rows = []
+    for name, us in totals.most_common():
+        m = re.search(rf"%{re.escape(name)} = (\S+) .*?op_name=\"([^\"]*)\"", hlo)
+        if m:  # an op of the compiled step (not a runtime or Python event)
+            rows.append({"op": name, "shape": m[1], "source": m[2], "us_per_step": us / steps})
+        if len(rows) == top:
+            break
+    return rows
 
 
 def profile_torch(model, params, x, repeats):
@@ -171,6 +217,19 @@ def markdown(results) -> str:
         tt = {k: sum(t[k] for t in torch_layers.values()) for k in ("forward", "backward")}
         line += f" {tt['forward']:.3f} | {tt['backward']:.3f} |"
     lines.append(line)
+    lines += [
+        "",
+        "The compiled step's slowest XLA operations (a `jax.profiler` trace; µs per step, summed "
+        "over the op's events; tracing adds some overhead):",
+        "",
+        "| XLA op | output | from | µs / step |",
+        "|---|---|---|---:|",
+        *[
+            f"| {r['op']} | `{r['shape']}` | `{r['source'].removeprefix('jit(step)/')}` "
+            f"| {r['us_per_step']:.0f} |"
+            for r in results["ops"]
+        ],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +242,7 @@ def main(argv=None) -> int:
         "--out", type=Path, default=Path("docs/profile"), help="writes STEM.json, STEM.md"
     )
     args = p.parse_args(argv)
-    step, layers, (model, params, x) = profile_jax(args.batch_size, args.repeats)
+    step, layers, ops, (model, params, x) = profile_jax(args.batch_size, args.repeats)
     device = jax.devices()[0]
     results = {
         "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} CPUs)",
@@ -193,6 +252,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "step": step,
         "layers": layers,
+        "ops": ops,
     }
     if not args.no_peers:
         try:

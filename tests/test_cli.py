@@ -135,6 +135,12 @@ def test_profile_step_takes_the_step_apart(tmp_path):
     step = out["step"]
     assert len(step) == 5 and all(v > 0 for v in step.values())
     assert "| conv1 |" in (tmp_path / "p.md").read_text()
+    # the op-level trace names compiled ops of the step, each traced back to a layer or the optimizer
+    ops = out["ops"]
+    assert 1 <= len(ops) <= 20 and all(r["us_per_step"] > 0 for r in ops)
+    assert [r["us_per_step"] for r in ops] == sorted((r["us_per_step"] for r in ops), reverse=True)
+    assert any("conv2" in r["source"] for r in ops)
+    assert f"| {ops[0]['op']} |" in (tmp_path / "p.md").read_text()
 
 
 @pytest.mark.slow
