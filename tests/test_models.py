@@ -163,9 +163,9 @@ def test_conv_matches_lax_reference_in_float64():
     )
     x = jax.random.normal(jax.random.key(4), (2, 32, 32, 1), jnp.float64)
     conv = model.layers[0]
-    ref = jax.lax.conv_general_dilated(
-        x, params["conv1"]["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    ) + params["conv1"]["bias"].reshape(1, 1, 1, 6)
+    ref = _lax_conv("VALID")(x, params["conv1"]["kernel"]) + params["conv1"]["bias"].reshape(
+        1, 1, 1, 6
+    )
     np.testing.assert_allclose(conv.apply(params["conv1"], x), ref, rtol=1e-12, atol=1e-12)
 
 
