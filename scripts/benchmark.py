@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -413,6 +415,42 @@ def bench_score_cam_loop(model, params, x, repeats, mask_batch=16):
     return timed_row(name, run, repeats, images=x.shape[0], method="score_cam")
 
 
+def bench_pytorch_grad_cam(model, params, x, repeats, images_per_call=1000):
+    """pytorch-grad-cam's own ScoreCAM (its per-image progress bars off), or None without it."""
+    try:
+        import pytorch_grad_cam
+        from pytorch_grad_cam import score_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        print("pytorch-grad-cam not installed: no library Score-CAM row", flush=True)
+        return None
+    import torch
+
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    twin = torch_twin(model, params, dtype="float32")
+    xt = torch.tensor(to_nchw(np.asarray(x)))
+    conv2 = twin[[layer.name for layer in model.layers].index("conv2")]
+    cam = pytorch_grad_cam.ScoreCAM(model=twin, target_layers=[conv2])
+
+    def run():
+        for i in range(0, len(xt), images_per_call):
+            xb = xt[i : i + images_per_call]
+            with torch.no_grad():
+                targets = [ClassifierOutputTarget(int(c)) for c in twin(xb).argmax(1)]
+            cam(input_tensor=xb, targets=targets)
+
+    bars, score_cam.tqdm = score_cam.tqdm, types.SimpleNamespace(tqdm=lambda it, **_: it)
+    try:
+        name = (
+            f"pytorch-grad-cam {importlib.metadata.version('grad-cam')} ScoreCAM "
+            f"({images_per_call} images per call)"
+        )
+        return timed_row(name, run, repeats, images=x.shape[0], method="score_cam")
+    finally:
+        score_cam.tqdm = bars
+
+
 def markdown(results) -> str:
     lines = [
         f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}.",
@@ -564,6 +602,12 @@ def main(argv=None) -> int:
             results["ratios"]["Score-CAM per-image loop time / JAX time"] = (
                 loop["median_s"] / by["score_cam"]["median_s"]
             )
+            library = bench_pytorch_grad_cam(model, params, x, 1)
+            if library is not None:
+                results["rows"].append(library)
+                results["ratios"]["pytorch-grad-cam ScoreCAM time / JAX time"] = (
+                    library["median_s"] / by["score_cam"]["median_s"]
+                )
     md = markdown(results)
     print(md)
     write_report(args.out, results, md)

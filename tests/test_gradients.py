@@ -9,6 +9,7 @@ from conftest import random_params
 
 from lenet_jax import explain
 from lenet_jax.data import normalized_range
+from lenet_jax.explain import cams
 from lenet_jax.models import LeNet5
 
 
@@ -129,6 +130,21 @@ def test_score_cam_matches_the_definition(setup):
         w /= w.sum()
         ref = np.maximum(np.tensordot(a, w, axes=([2], [0])), 0)
         np.testing.assert_allclose(cam[i], ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(10, 32), (5, 32), (14, 28), (32, 32), (1, 4)])
+def test_cam_upsampling(n_in, n_out):
+    maps = jnp.asarray(np.random.default_rng(1).normal(size=(2, n_in, n_in)))
+    np.testing.assert_allclose(
+        cams._upsample(maps, (n_out, n_out)),
+        jax.image.resize(maps, (2, n_out, n_out), "bilinear"),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    # aligned corners: a ramp 0..n_in-1 is sampled at evenly spaced points from 0 to n_in-1
+    ramp = cams.interpolation_matrix(n_in, n_out, align_corners=True) @ np.arange(n_in)
+    expected = np.linspace(0, n_in - 1, n_out) if n_out > 1 else np.zeros(1)
+    np.testing.assert_allclose(ramp, expected, rtol=0, atol=1e-12)
 
 
 def test_occlusion_matches_a_window_by_window_loop(setup):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lenet_jax.explain._common import check_input, chunked_map, logits_of, resolve_target
 from lenet_jax.layers import Layer
@@ -41,8 +42,33 @@ def layer_activations(model, params, x, layer: str | None = None):
     return acts, lambda a: _run(layers, params, a, i + 1, len(layers))
 
 
-def _upsample(cam_Bhw, size):
-    return jax.image.resize(cam_Bhw, (cam_Bhw.shape[0], *size), method="bilinear")
+def interpolation_matrix(n_in: int, n_out: int, align_corners: bool = False) -> np.ndarray:
+    """``[n_out, n_in]`` weights of 1-D linear interpolation from ``n_in`` to ``n_out`` samples.
+
+    ``align_corners=False``: half-pixel centres, edges clamped (``jax.image.resize``'s bilinear
+    upsampling, ``F.interpolate(..., align_corners=False)``, OpenCV's ``INTER_LINEAR``).
+    ``align_corners=True``: the first and last samples coincide (``torch.nn.UpsamplingBilinear2d``,
+    which pytorch-grad-cam's Score-CAM uses for its masks).
+    """
+    out = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        pos = out * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
+    else:
+        pos = np.clip((out + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), lo), 1 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m
+
+
+def _upsample(maps_Bhw, size, align_corners: bool = False):
+    """Bilinear resize of ``[B, h, w]`` (or ``[B, h, w, K]``) maps to ``size``: two small matmuls."""
+    mh = interpolation_matrix(maps_Bhw.shape[1], size[0], align_corners).astype(maps_Bhw.dtype)
+    mw = interpolation_matrix(maps_Bhw.shape[2], size[1], align_corners).astype(maps_Bhw.dtype)
+    return jnp.einsum("Hh,bhw...,Ww->bHW...", mh, maps_Bhw, mw)
 
 
 def _normalize(cam_BHW):
@@ -94,6 +120,7 @@ def score_cam(
     upsample: bool = True,
     normalize: bool = False,
     baseline_subtract: bool = False,
+    align_corners: bool = False,
     batch_size: int | None = None,
 ):
     """Score-CAM (Wang et al., 2020): each channel's upsampled, min-max-normalized activation masks
@@ -103,12 +130,16 @@ def score_cam(
     ``softmax_k(logit_target(x ⊙ H_k))``; ``ReLU`` of the weighted sum of activations). With
     ``baseline_subtract`` the weights are the paper's increase of confidence,
     ``p_target(x ⊙ H_k) − p_target(0)``, where ``0`` is the all-masked input (no softmax over channels).
-    A constant channel gets a zero mask (the division is guarded).
+    A constant channel gets a zero mask (the division is guarded). The masks are upsampled with
+    half-pixel centres, as the paper's code does; ``align_corners=True`` aligns the corner pixels
+    instead, as pytorch-grad-cam's ``torch.nn.UpsamplingBilinear2d`` does (the two libraries' maps
+    then agree to float rounding).
 
     Args:
       layer: name of a conv layer (default: the last one).
       upsample, normalize: as ``grad_cam``.
       baseline_subtract: the paper's weights instead of pytorch-grad-cam's.
+      align_corners: upsample the masks with aligned corners (pytorch-grad-cam's masks).
       batch_size: images per chunk (``lax.map``); all K masked copies of an image run in one pass.
 
     Returns:
@@ -123,7 +154,7 @@ def score_cam(
     def one_image(args):
         xi, ti = args
         acts = _run(model.layers, params, xi[None], 0, index + 1)[0]  # [h, w, K]
-        up = jax.image.resize(acts, (*hw, acts.shape[-1]), method="bilinear")
+        up = _upsample(acts[None], hw, align_corners)[0]  # [H, W, K]
         lo, hi = up.min(axis=(0, 1), keepdims=True), up.max(axis=(0, 1), keepdims=True)
         span = hi - lo
         masks = jnp.where(span > 0, (up - lo) / jnp.where(span > 0, span, 1.0), 0.0)
