@@ -28,6 +28,21 @@ non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a nu
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def key_value(text: str):
+    """``KEY=VALUE`` -> ``(KEY, value)``; the value is a Python literal (``100``, ``0.2``, ``True``,
+    ``None``) or else the text itself (``vargrad``)."""
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data-dir`` and ``--data-source``, shared by every script that reads a dataset."""
     from pathlib import Path

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,45 @@ def explain_method(name: str, model, params, x, **options):
     return out if out.ndim == 3 else out.sum(-1)
 
 
+# Options the command line does not pass on: they change the output's type or shape, or need arrays.
+_NOT_FROM_CLI = ("key", "return_gap", "upsample", "composite", "layer")
+
+
+def split_options(method: str, options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Method name -> its share of ``options``, checked against the methods' keyword options.
+
+    For ``method="all"`` an option goes to every method that takes it.
+
+    Raises:
+      ValueError: an option no chosen method takes, or a value of the wrong type.
+    """
+    names = list(explain.METHODS) if method == "all" else [method]
+    out = {name: {} for name in names}
+    for key, value in options.items():
+        takers = [n for n in names if key in explain.method_options(n) and key not in _NOT_FROM_CLI]
+        if not takers:
+            valid = sorted(
+                {k for n in names for k in explain.method_options(n)} - set(_NOT_FROM_CLI)
+            )
+            raise ValueError(f"unknown option {key!r} for {method}; choose one of {valid}")
+        for name in takers:
+            default = explain.method_options(name)[key]
+            out[name][key] = _typed(key, value, default)
+    return out
+
+
+def _typed(key: str, value, default):
+    """``value`` checked against the type of the option's ``default`` (ints pass as floats)."""
+    if default is None or value is None:
+        return value
+    kind = type(default)
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise ValueError(f"option {key} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
 def explain_run(
     run_dir: str | Path,
     method: str,
@@ -54,6 +95,7 @@ def explain_run(
     out: str | Path | None = None,
     layer: str | None = None,
     composite: str = "epsilon_plus_flat",
+    options: Mapping[str, Any] | None = None,
     data_dir=None,
     data_source=None,
 ) -> dict[str, Path]:
@@ -64,6 +106,8 @@ def explain_run(
       out: the PNG path (default ``run_dir/explain_<method>.png``); the ``.npz`` sits beside it.
       layer: for LRP, also draw the relevance of this layer's feature maps; for CAMs, their layer.
       composite: the LRP composite.
+      options: more keyword options of the method (``explain.method_options``), e.g.
+        ``{"n_samples": 100}`` for SmoothGrad; with ``"all"`` each goes to the methods that take it.
 
     Returns:
       Paths of what was written (``png``, ``npz`` and, for LRP with ``layer``, ``layer_png``).
@@ -74,6 +118,7 @@ def explain_run(
         raise ValueError(
             f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all"
         )
+    per_method = split_options(method, options or {})
     model, params, _ = checkpoint.load_params(run_dir)
     images, labels = load_dataset(
         model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
@@ -97,6 +142,7 @@ def explain_run(
             options = {"composite": composite} if name == "lrp" else {}
             if name in explain.CAM_METHODS and layer:
                 options["layer"] = layer
+            options.update(per_method[name])
             maps[name] = np.asarray(explain_method(name, model, params, x, **options))
         titles = [
             f"{'✓' if p == t else '✗'} true {classes[t]} / pred {classes[p]} ({probs[i, p]:.2f})"
@@ -112,6 +158,7 @@ def explain_run(
             options["composite"] = composite
         elif method in explain.CAM_METHODS and layer:
             options["layer"] = layer
+        options.update(per_method[method])
         heat = np.asarray(explain_method(method, model, params, x, **options))
         titles = [f"true {classes[t]} / pred {classes[p]}" for t, p in zip(y, pred, strict=True)]
         extra = {}

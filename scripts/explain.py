@@ -39,6 +39,16 @@ def main(argv=None) -> int:
         default=None,
         help="PNG path (default RUN/explain_<method>.png); the .npz goes beside it",
     )
+    p.add_argument(
+        "--option",
+        type=cli.key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option of the method, repeatable: e.g. n_samples=100 noise_level=0.2 "
+        "(smoothgrad), n_steps=200 (integrated_gradients), window=8 (occlusion), "
+        "align_corners=True (score_cam), epsilon=0.01 (lrp)",
+    )
     cli.add_data_arguments(p)
     args = p.parse_args(argv)
 
@@ -53,6 +63,7 @@ def main(argv=None) -> int:
             out=args.out,
             layer=args.layer,
             composite=args.composite,
+            options=dict(args.option),
             data_dir=args.data_dir,
             data_source=args.data_source,
         )

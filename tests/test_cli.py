@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_jax import explain
+from lenet_jax.checkpoint import load_params
+from lenet_jax.data import load_mnist
 from lenet_jax.models import LeNet5
-from lenet_jax.report import evaluate_run
+from lenet_jax.report import evaluate_run, explain_run, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +94,71 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     )
     r = run_script("explain.py", "--method", "lime")
     assert r.returncode == 2 and "invalid choice: 'lime'" in r.stderr
+    out = tmp_path / "sg.png"
+    r = run_script(
+        "explain.py",
+        "--run",
+        tiny_run,
+        "--method",
+        "smoothgrad",
+        "--option",
+        "n_sample=8",
+        "--out",
+        out,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "explain.py: error: unknown option 'n_sample' for smoothgrad; "
+        "choose one of ['batch_size', 'n_samples', 'noise_level', 'variant']"
+    )
+    r = run_script(
+        "explain.py",
+        "--run",
+        tiny_run,
+        "--method",
+        "smoothgrad",
+        "--option",
+        "n_samples=many",
+        "--out",
+        out,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip() == "explain.py: error: option n_samples must be of type int, got 'many'"
+    r = run_script("explain.py", "--run", tiny_run, "--option", "window", "--out", out)
+    assert r.returncode == 2 and "argument --option: 'window' is not KEY=VALUE" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_options_reach_the_method(tiny_run, tmp_path):
+    written = explain_run(
+        tiny_run, "occlusion", n=2, out=tmp_path / "occ.png", options={"window": 8, "stride": 8}
+    )
+    saved = np.load(written["npz"])
+    model, params, _ = load_params(tiny_run)
+    images, _ = load_mnist("test", progress=False)
+    direct = explain.occlusion(
+        model, params, model.preprocess(images[saved["indices"]]), window=8, stride=8
+    )
+    np.testing.assert_allclose(
+        saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
+    )
+    default = explain.occlusion(model, params, model.preprocess(images[saved["indices"]]))
+    assert not np.allclose(saved["attribution"], np.asarray(default).sum(-1), atol=1e-3)
+
+
+def test_split_options_routes_each_option_to_the_methods_that_take_it():
+    routed = split_options("all", {"window": 8, "align_corners": True, "batch_size": 5})
+    assert routed["occlusion"] == {"window": 8, "batch_size": 5}
+    assert routed["score_cam"] == {"align_corners": True, "batch_size": 5}
+    assert routed["saliency"] == {} and routed["grad_cam"] == {}
+    assert split_options("smoothgrad", {"noise_level": 1}) == {"smoothgrad": {"noise_level": 1.0}}
+    assert (
+        type(split_options("smoothgrad", {"noise_level": 1})["smoothgrad"]["noise_level"]) is float
+    )
+    with pytest.raises(ValueError, match="unknown option 'key' for smoothgrad"):
+        split_options("smoothgrad", {"key": 3})  # a PRNG key is not a command-line value
+    with pytest.raises(ValueError, match="option absolute must be of type bool, got 1"):
+        split_options("saliency", {"absolute": 1})
 
 
 @pytest.mark.slow

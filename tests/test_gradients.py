@@ -73,6 +73,8 @@ def test_smoothgrad_variants_and_chunking_agree(setup):
     np.testing.assert_allclose(var, sq - whole**2, rtol=1e-6, atol=1e-12)  # Var = E[g²] − E[g]²
     with pytest.raises(ValueError, match="unknown SmoothGrad variant"):
         explain.smoothgrad(model, params, x, variant="smoothest")
+    with pytest.raises(ValueError, match="noise_level must be >= 0, got -0.1"):
+        explain.smoothgrad(model, params, x, noise_level=-0.1)
 
 
 @pytest.mark.parametrize("method", ["riemann_trapezoid", "gausslegendre", "riemann_middle"])

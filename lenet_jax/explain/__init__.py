@@ -6,6 +6,8 @@ int array ``[B]``. Pixel methods return ``x.shape``; CAMs return ``[B, H, W]``. 
 functions: ``jax.jit`` them with the non-array options closed over.
 """
 
+import inspect
+
 from lenet_jax.explain.cams import grad_cam, layer_activations, score_cam
 from lenet_jax.explain.gradients import (
     gradient_x_input,
@@ -41,6 +43,14 @@ METHODS = {
 CAM_METHODS = ("grad_cam", "score_cam")
 
 
+def method_options(name: str) -> dict:
+    """The keyword options of method ``name`` and their defaults, e.g. ``{"n_samples": 50, ...}``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    params = inspect.signature(METHODS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
+
+
 def attribute(name: str, model, params, x, target=None, **options):
     """Runs the method ``name`` of ``METHODS``.
 
@@ -68,6 +78,7 @@ __all__ = [
     "lrp",
     "lrp_layerwise",
     "make_rule",
+    "method_options",
     "occlusion",
     "propagate",
     "saliency",

@@ -87,6 +87,8 @@ def smoothgrad(
         )
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if not noise_level >= 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     t = _prepare(model, params, x, target)
     key = jax.random.key(0) if key is None else key
     keys = jax.random.split(key, x.shape[0])
