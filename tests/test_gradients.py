@@ -9,7 +9,7 @@ from conftest import random_params
 
 from lenet_jax import explain
 from lenet_jax.data import normalized_range
-from lenet_jax.explain import cams
+from lenet_jax.explain import cams, gradients
 from lenet_jax.models import LeNet5
 
 
@@ -75,6 +75,17 @@ def test_smoothgrad_variants_and_chunking_agree(setup):
         explain.smoothgrad(model, params, x, variant="smoothest")
     with pytest.raises(ValueError, match="noise_level must be >= 0, got -0.1"):
         explain.smoothgrad(model, params, x, noise_level=-0.1)
+
+
+@pytest.mark.parametrize("unroll_max", [256, 3])  # unrolled multiply-adds, and the tensordot
+def test_weighted_sum_over_the_sample_axis(unroll_max):
+    xs = jax.random.normal(jax.random.key(3), (2, 7, 4, 4, 1), jnp.float64)
+    w = np.random.default_rng(4).uniform(size=7)
+    np.testing.assert_allclose(
+        gradients._weighted_sum(w, xs, unroll_max=unroll_max),
+        np.einsum("n,bnhwc->bhwc", w, np.asarray(xs)),
+        rtol=1e-13,
+    )
 
 
 @pytest.mark.parametrize("method", ["riemann_trapezoid", "gausslegendre", "riemann_middle"])

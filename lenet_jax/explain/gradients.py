@@ -102,13 +102,30 @@ def smoothgrad(
 
         noisy = jax.vmap(noisy_copies)(xc, kc)  # [b, n, H, W, C]
         grads = _flat_grad(model, params, noisy, tc)
+        uniform = np.full(n_samples, 1.0 / n_samples)
         if variant == "smoothgrad":
-            return grads.mean(1)
+            return _weighted_sum(uniform, grads)
         if variant == "squared":
-            return jnp.square(grads).mean(1)
-        return grads.var(1)
+            return _weighted_sum(uniform, jnp.square(grads))
+        mean = _weighted_sum(uniform, grads)
+        return _weighted_sum(uniform, jnp.square(grads - mean[:, None]))
 
     return chunked_map(chunk, (x, t, keys), batch_size)
+
+
+def _weighted_sum(weights_N, xs_BN, unroll_max: int = 256):
+    """``Σ_i weights[i] · xs[:, i]`` for ``[B, N, ...]`` and static weights ``[N]``.
+
+    Written as ``N`` multiply-adds of slices, which XLA fuses into one loop; its CPU reduction (and
+    dot) over the middle axis ran 25% of SmoothGrad's time. Beyond ``unroll_max`` terms, a tensordot.
+    """
+    weights_N = np.asarray(weights_N)
+    if len(weights_N) > unroll_max:
+        return jnp.tensordot(jnp.asarray(weights_N, xs_BN.dtype), xs_BN, axes=([0], [1]))
+    total = 0
+    for i, w in enumerate(weights_N.tolist()):
+        total = total + w * xs_BN[:, i]
+    return total
 
 
 def _flat_grad(model, params, xs_BN, target_B):
@@ -153,13 +170,13 @@ def integrated_gradients(
     else:
         x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
     alphas, weights = _quadrature(method, n_steps)
-    alphas, weights = jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype)
+    alphas = jnp.asarray(alphas, x.dtype)
 
     def chunk(args):
         xc, x0c, tc = args
         paths = x0c[:, None] + alphas.reshape(1, -1, 1, 1, 1) * (xc - x0c)[:, None]
         grads = _flat_grad(model, params, paths, tc)  # [b, n_steps, H, W, C]
-        return (xc - x0c) * jnp.tensordot(weights, grads, axes=([0], [1]))
+        return (xc - x0c) * _weighted_sum(weights, grads)
 
     ig = chunked_map(chunk, (x, x0, t), batch_size)
     if not return_gap:
