@@ -5,7 +5,8 @@ the trainer dispatches it, its parts (forward, forward + backward, optimizer upd
 of a trivial jitted call), and the forward and backward of every layer on its stored input, next to
 the same layer in PyTorch (backward = forward with backward minus forward; the first layer computes
 no input gradient in either, as in training), and the compiled step's slowest operations from a
-``jax.profiler`` trace (each XLA op's time per step, with the JAX operation it came from). Writes
+``jax.profiler`` trace (each XLA op's time per step, with the JAX operation it came from), and the
+step's FLOPs against the machine's matmul rate (a lower bound on the step's time). Writes
 ``--out`` JSON and Markdown (default ``docs/profile``).
 """
 
@@ -81,6 +82,9 @@ def profile_jax(batch_size, repeats):
     rows["whole step (gather, preprocess, forward, backward, update), dispatched"] = median_ms(
         one_step, repeats
     )
+    bound = roofline(
+        jax.jit(step.__wrapped__), (box[0], box[1], images, labels, idx, weight, 0), repeats
+    )
     # a step without donation, so the same arguments can be traced repeatedly
     ops = trace_ops(
         jax.jit(step.__wrapped__),
@@ -125,7 +129,22 @@ def profile_jax(batch_size, repeats):
             "forward": median_ms(lambda f=f, p=p, inp=inp: f(p, inp), repeats),
             "backward": median_ms(lambda b=back, p=p, inp=inp, ct=ct: b(p, inp, ct), repeats),
         }
-    return rows, layers, ops, (model, params, np.asarray(x))
+    return rows, layers, ops, bound, (model, params, np.asarray(x))
+
+
+def roofline(step_fn, args, repeats, n=2048):
+    """The compiled step's FLOPs (XLA's cost analysis) against this machine's float32 matmul rate
+    (an ``n x n`` matmul): the step's time if every FLOP ran as fast as a large matmul."""
+    cost = step_fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda m: m @ m)
+    gflops = 2 * n**3 / median_ms(lambda: matmul(a), max(repeats // 20, 5)) / 1e6
+    return {
+        "step_mflop": cost["flops"] / 1e6,
+        "matmul_gflops": gflops,
+        "bound_ms": cost["flops"] / 1e6 / gflops,
+    }
 
 
 def trace_ops(step_fn, args, steps, top=20):
@@ -217,6 +236,13 @@ def markdown(results) -> str:
         tt = {k: sum(t[k] for t in torch_layers.values()) for k in ("forward", "backward")}
         line += f" {tt['forward']:.3f} | {tt['backward']:.3f} |"
     lines.append(line)
+    r = results["roofline"]
+    lines += [
+        "",
+        f"Roofline: XLA's cost analysis counts {r['step_mflop']:.0f} MFLOP in the compiled step; "
+        f"a 2048² float32 matmul runs at {r['matmul_gflops']:.0f} GFLOP/s here, so the step takes "
+        f"at least {r['bound_ms']:.2f} ms even if every FLOP ran at matmul speed.",
+    ]
     lines += [
         "",
         "The compiled step's slowest XLA operations (a `jax.profiler` trace; µs per step, summed "
@@ -242,7 +268,7 @@ def main(argv=None) -> int:
         "--out", type=Path, default=Path("docs/profile"), help="writes STEM.json, STEM.md"
     )
     args = p.parse_args(argv)
-    step, layers, ops, (model, params, x) = profile_jax(args.batch_size, args.repeats)
+    step, layers, ops, bound, (model, params, x) = profile_jax(args.batch_size, args.repeats)
     device = jax.devices()[0]
     results = {
         "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} CPUs)",
@@ -253,6 +279,7 @@ def main(argv=None) -> int:
         "step": step,
         "layers": layers,
         "ops": ops,
+        "roofline": bound,
     }
     if not args.no_peers:
         try:

@@ -208,6 +208,12 @@ def test_profile_step_takes_the_step_apart(tmp_path):
     assert [r["us_per_step"] for r in ops] == sorted((r["us_per_step"] for r in ops), reverse=True)
     assert any("conv2" in r["source"] for r in ops)
     assert f"| {ops[0]['op']} |" in (tmp_path / "p.md").read_text()
+    # the step does at least a direct convolution's work: 3x the forward multiply-adds of LeNet-5
+    # (conv1 117,600, conv2 240,000, fc 58,920 per image) minus conv1's input gradient, at batch 64
+    roof = out["roofline"]
+    assert roof["step_mflop"] >= 2 * 64 * (3 * 416_520 - 117_600) / 1e6
+    assert roof["bound_ms"] == pytest.approx(roof["step_mflop"] / roof["matmul_gflops"])
+    assert "Roofline: XLA's cost analysis counts" in (tmp_path / "p.md").read_text()
 
 
 @pytest.mark.slow
