@@ -40,11 +40,25 @@ def lenet():
     return LeNet5()
 
 
+def normalized_pixels(n, seed=0):
+    """``n`` normalized 32x32 MNIST-style inputs in float64 (random pixels in [0, 1])."""
+    pixels = np.random.default_rng(seed).uniform(0, 1, (n, 32, 32, 1))
+    return jnp.asarray((pixels - 0.1307) / 0.3081, jnp.float64)
+
+
+def lenet_and_twin(activation, pool, seed):
+    """A LeNet-5 variant, random float64 params with non-zero biases, and its torch twin."""
+    from lenet_jax.twins import torch_twin
+
+    model = LeNet5(activation=activation, pool=pool)
+    params = random_params(model, seed=seed)
+    return model, params, torch_twin(model, params)
+
+
 @pytest.fixture
 def x64_batch():
     """Eight normalized 32x32 inputs in float64 (random pixels in [0, 1])."""
-    pixels = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 1))
-    return jnp.asarray((pixels - 0.1307) / 0.3081, jnp.float64)
+    return normalized_pixels(8)
 
 
 def require(module: str):

@@ -1,15 +1,13 @@
 """Grad-CAM and Score-CAM against independent implementations: captum's LayerGradCam and
 pytorch-grad-cam's GradCAM and ScoreCAM, on a torch twin with the same weights (``peers`` extra)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params, require
+from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
 from lenet_jax.explain.cams import interpolation_matrix
-from lenet_jax.models import LeNet5
-from lenet_jax.twins import to_nchw, torch_twin
+from lenet_jax.twins import to_nchw
 
 torch = require("torch")
 
@@ -18,12 +16,9 @@ pytestmark = pytest.mark.peers
 
 @pytest.fixture(params=[("tanh", "avg"), ("relu", "max")], ids=["tanh-avg", "relu-max"])
 def case(request):
-    model = LeNet5(activation=request.param[0], pool=request.param[1])
-    params = random_params(model, seed=5)
-    pixels = np.random.default_rng(8).uniform(0, 1, (4, 32, 32, 1))
-    x = jnp.asarray((pixels - 0.1307) / 0.3081)
+    model, params, twin = lenet_and_twin(*request.param, seed=5)
+    x = normalized_pixels(4, seed=8)
     target = np.array([1, 4, 6, 9])
-    twin = torch_twin(model, params)
     conv2 = twin[[layer.name for layer in model.layers].index("conv2")]
     return model, params, x, target, twin, conv2, torch.tensor(to_nchw(x))
 

@@ -3,12 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params, require
+from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
 from lenet_jax.data import normalized_range
-from lenet_jax.models import LeNet5
-from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
+from lenet_jax.twins import to_nchw, to_nhwc
 
 torch = require("torch")
 captum_attr = require("captum.attr")
@@ -18,12 +17,9 @@ pytestmark = pytest.mark.peers
 
 @pytest.fixture(params=[("tanh", "avg"), ("relu", "max")], ids=["tanh-avg", "relu-max"])
 def case(request):
-    model = LeNet5(activation=request.param[0], pool=request.param[1])
-    params = random_params(model, seed=11)
-    pixels = np.random.default_rng(3).uniform(0, 1, (5, 32, 32, 1))
-    x = jnp.asarray((pixels - 0.1307) / 0.3081)
+    model, params, twin = lenet_and_twin(*request.param, seed=11)
+    x = normalized_pixels(5, seed=3)
     target = jnp.array([0, 3, 5, 7, 9])
-    twin = torch_twin(model, params)
     return (
         model,
         params,

@@ -95,33 +95,27 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     r = run_script("explain.py", "--method", "lime")
     assert r.returncode == 2 and "invalid choice: 'lime'" in r.stderr
     out = tmp_path / "sg.png"
-    r = run_script(
-        "explain.py",
-        "--run",
-        tiny_run,
-        "--method",
-        "smoothgrad",
-        "--option",
-        "n_sample=8",
-        "--out",
-        out,
-    )
+
+    def smoothgrad_with(option):
+        return run_script(
+            "explain.py",
+            "--run",
+            tiny_run,
+            "--method",
+            "smoothgrad",
+            "--option",
+            option,
+            "--out",
+            out,
+        )
+
+    r = smoothgrad_with("n_sample=8")
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "explain.py: error: unknown option 'n_sample' for smoothgrad; "
         "choose one of ['batch_size', 'n_samples', 'noise_level', 'variant']"
     )
-    r = run_script(
-        "explain.py",
-        "--run",
-        tiny_run,
-        "--method",
-        "smoothgrad",
-        "--option",
-        "n_samples=many",
-        "--out",
-        out,
-    )
+    r = smoothgrad_with("n_samples=many")
     assert r.returncode == 1
     assert r.stderr.strip() == "explain.py: error: option n_samples must be of type int, got 'many'"
     r = run_script("explain.py", "--run", tiny_run, "--option", "window", "--out", out)
