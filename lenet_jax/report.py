@@ -48,7 +48,8 @@ def explain_method(name: str, model, params, x, **options):
     return out if out.ndim == 3 else out.sum(-1)
 
 
-# Options the command line does not pass on: they change the output's type or shape, or need arrays.
+# Options the command line does not pass on: they need arrays (key), change the output's type or
+# shape (return_gap, upsample), or have flags of their own (--composite, --layer).
 _NOT_FROM_CLI = ("key", "return_gap", "upsample", "composite", "layer")
 
 
@@ -61,17 +62,18 @@ def split_options(method: str, options: Mapping[str, Any]) -> dict[str, dict[str
       ValueError: an option no chosen method takes, or a value of the wrong type.
     """
     names = list(explain.METHODS) if method == "all" else [method]
+    accepted = {
+        name: {k: v for k, v in explain.method_options(name).items() if k not in _NOT_FROM_CLI}
+        for name in names
+    }
     out = {name: {} for name in names}
     for key, value in options.items():
-        takers = [n for n in names if key in explain.method_options(n) and key not in _NOT_FROM_CLI]
+        takers = [name for name in names if key in accepted[name]]
         if not takers:
-            valid = sorted(
-                {k for n in names for k in explain.method_options(n)} - set(_NOT_FROM_CLI)
-            )
+            valid = sorted({k for name in names for k in accepted[name]})
             raise ValueError(f"unknown option {key!r} for {method}; choose one of {valid}")
         for name in takers:
-            default = explain.method_options(name)[key]
-            out[name][key] = _typed(key, value, default)
+            out[name][key] = _typed(key, value, accepted[name][key])
     return out
 
 

@@ -82,15 +82,11 @@ def profile_jax(batch_size, repeats):
     rows["whole step (gather, preprocess, forward, backward, update), dispatched"] = median_ms(
         one_step, repeats
     )
-    bound = roofline(
-        jax.jit(step.__wrapped__), (box[0], box[1], images, labels, idx, weight, 0), repeats
-    )
-    # a step without donation, so the same arguments can be traced repeatedly
-    ops = trace_ops(
-        jax.jit(step.__wrapped__),
-        (box[0], box[1], images, labels, idx, weight, 0),
-        max(repeats // 4, 2),
-    )
+    # the step compiled once more without donation, so the same arguments can be reused
+    args = (box[0], box[1], images, labels, idx, weight, 0)
+    compiled = jax.jit(step.__wrapped__).lower(*args).compile()
+    bound = roofline(compiled, repeats)
+    ops = trace_ops(compiled, args, max(repeats // 4, 2))
 
     def loss(p):
         logits = forward(model.layers, p, x)[0]
@@ -132,37 +128,39 @@ def profile_jax(batch_size, repeats):
     return rows, layers, ops, bound, (model, params, np.asarray(x))
 
 
-def roofline(step_fn, args, repeats, n=2048):
+def roofline(compiled, repeats, n=2048):
     """The compiled step's FLOPs (XLA's cost analysis) against this machine's float32 matmul rate
     (an ``n x n`` matmul): the step's time if every FLOP ran as fast as a large matmul."""
-    cost = step_fn.lower(*args).compile().cost_analysis()
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda m: m @ m)
     gflops = 2 * n**3 / median_ms(lambda: matmul(a), max(repeats // 20, 5)) / 1e6
     return {
         "step_mflop": cost["flops"] / 1e6,
+        "matmul_size": n,
         "matmul_gflops": gflops,
         "bound_ms": cost["flops"] / 1e6 / gflops,
     }
 
 
-def trace_ops(step_fn, args, steps, top=20):
-    """The ``top`` slowest XLA operations of the compiled ``step_fn(*args)``, from a profiler trace.
+def trace_ops(compiled, args, steps, top=20):
+    """The ``top`` slowest XLA operations of ``compiled(*args)`` (a compiled step), from a profiler
+    trace.
 
     Runs ``steps`` calls (after 5 untraced ones) under ``jax.profiler.trace`` and sums the trace's
     events per XLA op name.
     Returns ``[{"op", "shape", "source", "us_per_step"}]``; ``source`` is the JAX operation the op
     came from (its ``op_name`` metadata in the compiled HLO).
     """
-    hlo = step_fn.lower(*args).compile().as_text()
+    hlo = compiled.as_text()
     for _ in range(5):
-        jax.block_until_ready(step_fn(*args))
+        jax.block_until_ready(compiled(*args))
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             out = None
             for _ in range(steps):
-                out = step_fn(*args)
+                out = compiled(*args)
             jax.block_until_ready(out)
         (trace,) = Path(tmp).rglob("*.trace.json.gz")
         events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
@@ -236,12 +234,13 @@ def markdown(results) -> str:
         tt = {k: sum(t[k] for t in torch_layers.values()) for k in ("forward", "backward")}
         line += f" {tt['forward']:.3f} | {tt['backward']:.3f} |"
     lines.append(line)
-    r = results["roofline"]
+    roof = results["roofline"]
     lines += [
         "",
-        f"Roofline: XLA's cost analysis counts {r['step_mflop']:.0f} MFLOP in the compiled step; "
-        f"a 2048² float32 matmul runs at {r['matmul_gflops']:.0f} GFLOP/s here, so the step takes "
-        f"at least {r['bound_ms']:.2f} ms even if every FLOP ran at matmul speed.",
+        f"Roofline: XLA's cost analysis counts {roof['step_mflop']:.0f} MFLOP in the compiled "
+        f"step; a {roof['matmul_size']}² float32 matmul runs at {roof['matmul_gflops']:.0f} "
+        f"GFLOP/s here, so the step takes at least {roof['bound_ms']:.2f} ms even if every FLOP "
+        "ran at matmul speed.",
     ]
     lines += [
         "",
