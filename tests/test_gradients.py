@@ -200,3 +200,16 @@ def test_unknown_method_and_layer_list_the_choices(setup):
         ValueError, match=r"unknown conv layer 'fc1'; choose one of \['conv1', 'conv2'\]"
     ):
         explain.grad_cam(model, params, x, layer="fc1")
+
+
+def test_method_options_are_the_keyword_options_with_their_defaults():
+    assert explain.method_options("smoothgrad") == {
+        "n_samples": 50,
+        "noise_level": 0.15,
+        "variant": "smoothgrad",
+        "key": None,
+        "batch_size": None,
+    }
+    assert explain.method_options("gradient_x_input") == {}
+    with pytest.raises(ValueError, match=r"unknown method 'lime'; choose one of \['grad_cam'"):
+        explain.method_options("lime")
