@@ -1,5 +1,6 @@
 """Cross-check of the gradient methods and occlusion against captum on a torch twin."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,3 +75,23 @@ def test_occlusion_equals_captum(case):
         xt, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=base, target=tt
     )
     close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "variant, nt_type",
+    [("smoothgrad", "smoothgrad"), ("squared", "smoothgrad_sq"), ("vargrad", "vargrad")],
+)
+def test_smoothgrad_equals_captum_noise_tunnel(case, variant, nt_type, monkeypatch):
+    model, params, x, t, twin, xt, tt = case
+    kw = dict(n_samples=6, noise_level=0.2, key=jax.random.key(5))
+    noisy = explain.smoothgrad_noise(x, **kw)  # [B, n, H, W, C]
+    # captum draws its own noise; hand it ours (its copies are image-major, as ours)
+    flat = torch.tensor(to_nchw(noisy.reshape(-1, *x.shape[1:])))
+    noise_tunnel = captum_attr.NoiseTunnel
+    monkeypatch.setattr(
+        noise_tunnel, "_add_noise_to_input", staticmethod(lambda inp, stdev, n: flat.clone())
+    )
+    theirs = noise_tunnel(captum_attr.Saliency(twin)).attribute(
+        xt, nt_type=nt_type, nt_samples=6, stdevs=1.0, target=tt, abs=False
+    )
+    close(explain.smoothgrad(model, params, x, t, variant=variant, **kw), theirs)

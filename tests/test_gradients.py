@@ -49,17 +49,48 @@ def test_gradient_x_input_equals_lrp_epsilon_on_a_relu_net_without_biases(setup)
     np.testing.assert_allclose(relevance, gxi, rtol=1e-6, atol=1e-10)
 
 
-def test_smoothgrad_without_noise_is_the_gradient_and_noise_has_the_asked_std(setup):
+def test_smoothgrad_without_noise_is_the_gradient(setup):
     model, params, x = setup
     sg = explain.smoothgrad(model, params, x, n_samples=1, noise_level=0.0)
     np.testing.assert_allclose(sg, explain.saliency(model, params, x, absolute=False), rtol=1e-12)
-    # the noise: a linear model's gradient is constant, so VarGrad of x -> w.x is 0, and the
-    # spread of inputs is checked directly through a model-free probe of the same sampler
-    key = jax.random.key(3)
-    xi = x[0]
-    sigma = 0.2 * float(xi.max() - xi.min())
-    noise = sigma * jax.random.normal(jax.random.split(key, 4)[0], (4000, *xi.shape))
-    np.testing.assert_allclose(float(noise.std()), sigma, rtol=0.02)
+
+
+def test_smoothgrad_noise_has_the_asked_std_per_image(setup):
+    x = setup[2][:3] * jnp.array([1.0, 0.5, 2.0]).reshape(3, 1, 1, 1)  # three value ranges
+    noisy = explain.smoothgrad_noise(x, n_samples=400, noise_level=0.2, key=jax.random.key(3))
+    assert noisy.shape == (3, 400, *x.shape[1:])
+    noise = np.asarray(noisy - x[:, None]).reshape(3, -1)  # 409,600 draws per image
+    sigma = 0.2 * np.asarray(x.max(axis=(1, 2, 3)) - x.min(axis=(1, 2, 3)))
+    np.testing.assert_allclose(noise.std(axis=1), sigma, rtol=0.005)
+    assert np.all(np.abs(noise.mean(axis=1)) < 5 * sigma / np.sqrt(noise.shape[1]))
+    # an image's copies do not depend on the other images of the batch
+    other = explain.smoothgrad_noise(
+        x.at[0].set(1.0), n_samples=400, noise_level=0.2, key=jax.random.key(3)
+    )
+    np.testing.assert_array_equal(other[1:], noisy[1:])
+
+
+def test_smoothgrad_averages_the_gradients_at_its_noisy_inputs(setup):
+    model, params, x = setup
+    kw = dict(n_samples=5, noise_level=0.3, key=jax.random.key(9))
+    target = jnp.argmax(model.apply({"params": params}, x), axis=-1)  # fixed on the clean input
+    noisy = explain.smoothgrad_noise(x, **kw)
+    grads = np.stack(
+        [
+            explain.saliency(model, params, noisy[:, j], target, absolute=False)
+            for j in range(kw["n_samples"])
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(
+        explain.smoothgrad(model, params, x, **kw), grads.mean(1), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        explain.smoothgrad(model, params, x, variant="vargrad", **kw),
+        grads.var(1),
+        rtol=1e-8,
+        atol=1e-14,
+    )
 
 
 def test_smoothgrad_variants_and_chunking_agree(setup):

@@ -15,6 +15,7 @@ from lenet_jax.explain.gradients import (
     occlusion,
     saliency,
     smoothgrad,
+    smoothgrad_noise,
 )
 from lenet_jax.explain.lrp import (
     BASE_RULES,
@@ -84,4 +85,5 @@ __all__ = [
     "saliency",
     "score_cam",
     "smoothgrad",
+    "smoothgrad_noise",
 ]

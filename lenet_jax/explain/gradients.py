@@ -75,7 +75,8 @@ def smoothgrad(
       noise_level: σ relative to each image's value range; 0 gives the plain gradient.
       variant: ``"smoothgrad"`` (mean gradient), ``"squared"`` (SmoothGrad², mean of squares) or
         ``"vargrad"`` (variance of the gradients).
-      key: PRNG key of the noise (default ``jax.random.key(0)``: same noise, same result).
+      key: PRNG key of the noise (default ``jax.random.key(0)``: same noise, same result);
+        ``smoothgrad_noise`` returns the noisy inputs it draws.
       batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
 
     Returns:
@@ -85,22 +86,13 @@ def smoothgrad(
         raise ValueError(
             f"unknown SmoothGrad variant {variant!r}; choose smoothgrad, squared or vargrad"
         )
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if not noise_level >= 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+    _check_noise(n_samples, noise_level)
     t = _prepare(model, params, x, target)
-    key = jax.random.key(0) if key is None else key
-    keys = jax.random.split(key, x.shape[0])
+    keys = _image_keys(key, x.shape[0])
 
     def chunk(args):
         xc, tc, kc = args  # [b, H, W, C], [b], [b] keys
-
-        def noisy_copies(xi, ki):
-            sigma = noise_level * (jnp.max(xi) - jnp.min(xi))
-            return xi[None] + sigma * jax.random.normal(ki, (n_samples, *xi.shape), xi.dtype)
-
-        noisy = jax.vmap(noisy_copies)(xc, kc)  # [b, n, H, W, C]
+        noisy = _noisy_copies(xc, kc, n_samples, noise_level)  # [b, n, H, W, C]
         grads = _flat_grad(model, params, noisy, tc)
         uniform = np.full(n_samples, 1.0 / n_samples)
         if variant == "smoothgrad":
@@ -111,6 +103,39 @@ def smoothgrad(
         return _weighted_sum(uniform, jnp.square(grads - mean[:, None]))
 
     return chunked_map(chunk, (x, t, keys), batch_size)
+
+
+def smoothgrad_noise(x, *, n_samples: int = 50, noise_level: float = 0.15, key=None):
+    """The noisy inputs ``smoothgrad`` averages over, for the same options and key.
+
+    Image ``i`` gets ``n_samples`` copies ``x_i + σ_i · N(0, 1)`` with
+    ``σ_i = noise_level · (max(x_i) − min(x_i))``, drawn from the ``i``-th of ``key`` split
+    ``B`` ways (so an image's noise does not depend on the chunking).
+
+    Returns:
+      ``[B, n_samples, H, W, C]``.
+    """
+    _check_noise(n_samples, noise_level)
+    return _noisy_copies(x, _image_keys(key, x.shape[0]), n_samples, noise_level)
+
+
+def _check_noise(n_samples, noise_level):
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if not noise_level >= 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+
+
+def _image_keys(key, n):
+    return jax.random.split(jax.random.key(0) if key is None else key, n)
+
+
+def _noisy_copies(x_B, keys_B, n_samples, noise_level):
+    def copies(xi, ki):
+        sigma = noise_level * (jnp.max(xi) - jnp.min(xi))
+        return xi[None] + sigma * jax.random.normal(ki, (n_samples, *xi.shape), xi.dtype)
+
+    return jax.vmap(copies)(x_B, keys_B)
 
 
 def _weighted_sum(weights_N, xs_BN, unroll_max: int = 256):
