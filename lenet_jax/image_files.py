@@ -1,0 +1,117 @@
+"""Your own pictures as dataset images: read an image file the way the dataset's images were made.
+
+``read_image("my_seven.png")`` gives a uint8 image in the dataset's stored layout, ready for
+``model.preprocess``: gray datasets get one channel, light strokes on a dark background (a picture
+with a bright border, i.e. dark ink on paper, is inverted), and MNIST's own normalization — the
+digit's bounding box scaled to fit 20×20 pixels with its aspect ratio kept, then placed in the
+28×28 field with its center of mass at the center (LeCun et al., the MNIST database's description).
+Other datasets are resized to their image size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lenet_jax.data import get_dataset
+
+# ITU-R BT.601 luma, as Pillow's "L" conversion.
+_LUMA = np.array([0.299, 0.587, 0.114])
+MNIST_BOX = 20  # the side of the box MNIST's digits were scaled into
+
+
+def read_image(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
+    """One image file as a uint8 image of ``dataset``: ``[H, W]`` (gray) or ``[H, W, C]`` (color).
+
+    Reads what matplotlib reads (PNG natively; JPEG and the other Pillow formats). Transparent
+    pixels are composited onto white.
+
+    Raises:
+      ValueError: a missing or unreadable file, or (gray datasets) a blank image.
+    """
+    ds = get_dataset(dataset)
+    rgb = _read_rgb(Path(path))  # float [H, W, 3] in [0, 1]
+    if ds.channels == 3:
+        return _to_uint8(_resize(rgb, ds.image_shape[:2]))
+    gray = rgb @ _LUMA
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > 0.5:  # dark ink on a light background -> light on dark, as the dataset
+        gray = 1.0 - gray
+    if gray.max() - gray.min() < 1e-3:
+        raise ValueError(f"image {path} is blank (one flat color)")
+    if ds.name == "mnist":
+        gray = mnist_layout(gray)
+    else:
+        gray = _resize(gray[..., None], ds.image_shape[:2])[..., 0]
+    return _to_uint8(gray)
+
+
+def read_images(paths, dataset: str = "mnist") -> np.ndarray:
+    """``read_image`` of each path, stacked: uint8 ``[N, H, W]`` or ``[N, H, W, C]``."""
+    if not paths:
+        raise ValueError("no image files given")
+    return np.stack([read_image(p, dataset) for p in paths])
+
+
+def mnist_layout(gray, size: int = 28, box: int = MNIST_BOX) -> np.ndarray:
+    """A light-on-dark gray picture ``[H, W]`` (values in [0, 1]) laid out as an MNIST digit.
+
+    The bounding box of the pixels above 10% of the brightest is scaled (antialiased bilinear) so
+    its longer side is ``box`` pixels, and put in a ``size × size`` field with its center of mass
+    on pixel ``size // 2`` (shifted by whole pixels, as MNIST's digits were), kept inside the field.
+
+    Returns:
+      float ``[size, size]`` in [0, 1].
+    """
+    gray = np.clip(np.asarray(gray, np.float64), 0.0, 1.0)
+    gray = gray - gray.min()
+    rows, cols = np.nonzero(gray > 0.1 * gray.max())
+    crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = box / max(crop.shape)
+    shape = tuple(max(1, round(s * scale)) for s in crop.shape)
+    digit = np.clip(_resize(crop[..., None], shape)[..., 0], 0.0, 1.0)
+    h, w = digit.shape
+    mass = digit.sum()
+    cy = (digit.sum(1) @ np.arange(h)) / mass  # in pixel indices
+    cx = (digit.sum(0) @ np.arange(w)) / mass
+    top = int(np.clip(round(size // 2 - cy), 0, size - h))
+    left = int(np.clip(round(size // 2 - cx), 0, size - w))
+    field = np.zeros((size, size))
+    field[top : top + h, left : left + w] = digit
+    return field
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    if not path.is_file():
+        raise ValueError(f"no such image file: {path}")
+    try:
+        img = np.asarray(matplotlib.image.imread(path))
+    except Exception as e:  # Pillow and matplotlib raise several kinds for a non-image
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if np.issubdtype(img.dtype, np.integer):
+        img = img / np.iinfo(img.dtype).max
+    img = img.astype(np.float64)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"cannot read image {path}: unexpected shape {img.shape}")
+    if img.shape[-1] in (2, 4):  # with alpha: composite onto white
+        color, alpha = img[..., :-1], img[..., -1:]
+        img = color * alpha + (1.0 - alpha)
+    return np.broadcast_to(img, (*img.shape[:2], 3)) if img.shape[-1] == 1 else img
+
+
+def _resize(img_HWC, shape) -> np.ndarray:
+    """Antialiased bilinear resize of ``[H, W, C]`` to ``shape`` (``jax.image.resize``)."""
+    out = jax.image.resize(jnp.asarray(img_HWC, jnp.float32), (*shape, img_HWC.shape[-1]), "linear")
+    return np.asarray(out, np.float64)
+
+
+def _to_uint8(img) -> np.ndarray:
+    return np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
