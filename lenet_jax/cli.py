@@ -24,8 +24,22 @@ def _number(kind, check, what):
 
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def index_list(text: str) -> list[int]:
+    """``"0,7,42"`` -> ``[0, 7, 42]`` (non-negative integers, comma-separated)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: indices must be >= 0")
+    return values
 
 
 def key_value(text: str):

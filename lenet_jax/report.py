@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 from lenet_jax import checkpoint, explain, parallel
 from lenet_jax.data import get_dataset, load_dataset, to_pixels
 from lenet_jax.explain._common import black_like, target_logit
+from lenet_jax.image_files import read_images
 from lenet_jax.io import atomic_savez
 from lenet_jax.train import predict
 
@@ -94,6 +95,9 @@ def explain_run(
     method: str,
     *,
     n: int = 16,
+    indices: Sequence[int] | None = None,
+    images: Sequence[str | Path] | None = None,
+    target: int | None = None,
     out: str | Path | None = None,
     layer: str | None = None,
     composite: str = "epsilon_plus_flat",
@@ -101,10 +105,16 @@ def explain_run(
     data_dir=None,
     data_source=None,
 ) -> dict[str, Path]:
-    """Explains ``n`` test images of the newest checkpoint in ``run_dir`` and saves the figures.
+    """Explains test images (or image files) with the newest checkpoint in ``run_dir`` and saves
+    the figures. Everything is checked and computed before the first file is written.
 
     Args:
       method: a name in ``explain.METHODS`` or ``"all"`` (the side-by-side comparison).
+      n: how many test images: the first ``n``, or for ``"all"`` a mix with a quarter misclassified.
+      indices: these test images instead.
+      images: these image files instead of test images (``image_files.read_images``: inverted if
+        dark on light, and laid out as MNIST digits for MNIST models).
+      target: the class explained in every image (default: each image's predicted class).
       out: the PNG path (default ``run_dir/explain_<method>.png``); the ``.npz`` sits beside it.
       layer: for LRP, also draw the relevance of this layer's feature maps; for CAMs, their layer.
       composite: the LRP composite.
@@ -120,95 +130,130 @@ def explain_run(
         raise ValueError(
             f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all"
         )
+    if layer and method not in ("lrp", "all", *explain.CAM_METHODS):
+        raise ValueError(f"--layer applies to lrp and the CAMs, not to {method}")
+    if indices is not None and images is not None:
+        raise ValueError("give test indices or image files, not both")
     per_method = split_options(method, options or {})
-    model, params, _ = checkpoint.load_params(run_dir)
-    images, labels = load_dataset(
-        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
-    )
-    classes = get_dataset(model.dataset).classes
-    logits_all = predict(model, params, jnp.asarray(images))
-    pred_all = logits_all.argmax(1)
-    idx = pick_examples(pred_all, labels, n, mix_wrong=(method == "all"))
-    x = model.preprocess(images[idx])
-    logits, pred, y = logits_all[idx], pred_all[idx], labels[idx]
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
-    pixels = np.asarray(to_pixels(x, model.dataset))
     out = Path(out) if out else Path(run_dir) / f"explain_{method}.png"
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
-    written = {}
+    model, params, _ = checkpoint.load_params(run_dir)
+    classes = get_dataset(model.dataset).classes
+    if target is not None and not 0 <= target < len(classes):
+        raise ValueError(
+            f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
+        )
 
+    if images is not None:
+        raw = read_images(images, model.dataset)
+        x = model.preprocess(raw)
+        logits = np.asarray(predict(model, params, jnp.asarray(raw)))
+        y = np.full(len(x), -1)  # no labels
+        source = {"files": np.array([str(p) for p in images])}
+    else:
+        test_images, labels = load_dataset(
+            model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+        )
+        logits_all = predict(model, params, jnp.asarray(test_images))
+        if indices is None:
+            idx = pick_examples(logits_all.argmax(1), labels, n, mix_wrong=(method == "all"))
+        else:
+            idx = np.asarray(indices, dtype=np.int64)
+            bad = idx[(idx < 0) | (idx >= len(labels))]
+            if bad.size:
+                raise ValueError(
+                    f"test index {bad[0]} out of range: the test set has {len(labels)} images"
+                )
+        x = model.preprocess(test_images[idx])
+        logits, y = np.asarray(logits_all)[idx], labels[idx]
+        source = {"indices": idx, "labels": y}
+    pred = logits.argmax(1)
+    explained = pred if target is None else np.full(len(pred), target)
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    pixels = np.asarray(to_pixels(x, model.dataset))
+
+    def describe(i, mark):
+        """``true 7 / pred 7``; ``mark``: with ✓/✗ and the confidence; `` / explains 3``."""
+        t, p = y[i], pred[i]
+        parts = [f"true {classes[t]}"] if t >= 0 else []
+        parts.append(f"pred {classes[p]}" + (f" ({probs[i, p]:.2f})" if mark else ""))
+        if target is not None:
+            parts.append(f"explains {classes[target]}")
+        text = " / ".join(parts)
+        return f"{'✓' if p == t else '✗'} {text}" if mark and t >= 0 else text
+
+    arrays = {**source, "pred": pred, "logits": logits, "target": explained}
+    figures = {}
     if method == "all":
         maps = {}
         for name in explain.METHODS:
-            options = {"composite": composite} if name == "lrp" else {}
+            method_options = {"composite": composite} if name == "lrp" else {}
             if name in explain.CAM_METHODS and layer:
-                options["layer"] = layer
-            options.update(per_method[name])
-            maps[name] = np.asarray(explain_method(name, model, params, x, **options))
-        titles = [
-            f"{'✓' if p == t else '✗'} true {classes[t]} / pred {classes[p]} ({probs[i, p]:.2f})"
-            for i, (t, p) in enumerate(zip(y, pred, strict=True))
-        ]
-        fig = plot.method_comparison(pixels, maps, SIGNED, titles)
-        written["npz"] = atomic_savez(
-            out.with_suffix(".npz"), indices=idx, labels=y, pred=pred, logits=logits, **maps
-        )
+                method_options["layer"] = layer
+            method_options.update(per_method[name])
+            maps[name] = np.asarray(
+                explain_method(name, model, params, x, target=target, **method_options)
+            )
+        titles = [describe(i, True) for i in range(len(x))]
+        figures["png"] = (out, plot.method_comparison(pixels, maps, SIGNED, titles))
+        arrays.update(maps)
     else:
-        options = {}
+        method_options = {}
         if method == "lrp":
-            options["composite"] = composite
+            method_options["composite"] = composite
         elif method in explain.CAM_METHODS and layer:
-            options["layer"] = layer
-        options.update(per_method[method])
-        heat = np.asarray(explain_method(method, model, params, x, **options))
-        titles = [f"true {classes[t]} / pred {classes[p]}" for t, p in zip(y, pred, strict=True)]
-        extra = {}
+            method_options["layer"] = layer
+        method_options.update(per_method[method])
+        heat = np.asarray(explain_method(method, model, params, x, target=target, **method_options))
+        titles = [describe(i, False) for i in range(len(x))]
+        arrays["attribution"] = heat
         if method == "lrp":
-            sums = heat.reshape(len(idx), -1).sum(1)
+            sums = heat.reshape(len(x), -1).sum(1)
             titles = [
-                f"{t}\nΣR {s:.2f} / logit {logits[i, pred[i]]:.2f}"
+                f"{t}\nΣR {s:.2f} / logit {logits[i, explained[i]]:.2f}"
                 for i, (t, s) in enumerate(zip(titles, sums, strict=True))
             ]
-            extra = {"relevance_sum": sums}
+            arrays["relevance_sum"] = sums
         label = f"LRP ({composite})" if method == "lrp" else method.replace("_", " ")
-        fig = plot.heatmap_pairs(
-            pixels,
-            heat,
-            titles,
-            signed=SIGNED[method],
-            suptitle=f"{label}: red = evidence for the class, blue = against"
-            if SIGNED[method]
-            else label,
-        )
-        written["npz"] = atomic_savez(
-            out.with_suffix(".npz"),
-            indices=idx,
-            labels=y,
-            pred=pred,
-            logits=logits,
-            attribution=heat,
-            **extra,
+        figures["png"] = (
+            out,
+            plot.heatmap_pairs(
+                pixels,
+                heat,
+                titles,
+                signed=SIGNED[method],
+                suptitle=f"{label}: red = evidence for the class, blue = against"
+                if SIGNED[method]
+                else label,
+            ),
         )
         if method == "lrp" and layer:
-            rels = jax.jit(functools.partial(explain.lrp_layerwise, model, composite=composite))(
-                params, x
-            )
-            maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
-            if layer not in maps:
-                raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
-            layer_png = out.with_name(out.stem + f"_{layer}.png")
-            written["layer_png"] = plot.save(
-                plot.feature_map_relevance(
-                    np.asarray(rels[layer][0]),
-                    pixels[0],
-                    f"Relevance of {layer}'s feature maps, {classes[y[0]]} (pred {classes[pred[0]]}), "
-                    "ranked",
+            figures["layer_png"] = (
+                out.with_name(out.stem + f"_{layer}.png"),
+                _feature_map_figure(
+                    model, params, x, target, composite, layer, pixels[0], describe(0, False)
                 ),
-                layer_png,
             )
-    written["png"] = plot.save(fig, out)
+    written = {"npz": atomic_savez(out.with_suffix(".npz"), **arrays)}
+    for key, (path, fig) in figures.items():
+        written[key] = plot.save(fig, path)
     return written
+
+
+def _feature_map_figure(model, params, x, target, composite, layer, pixels, title):
+    """The relevance of ``layer``'s feature maps for the first image, ranked."""
+    from lenet_jax import plot
+
+    rels = jax.jit(
+        functools.partial(explain.lrp_layerwise, model, target=target, composite=composite)
+    )(params, x[:1])
+    maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
+    if layer not in maps:
+        raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
+    return plot.feature_map_relevance(
+        np.asarray(rels[layer][0]), pixels, f"Relevance of {layer}'s feature maps, {title}, ranked"
+    )
 
 
 # The evaluated entries: every method, LRP once per composite ("lrp:NAME").

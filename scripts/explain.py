@@ -1,7 +1,8 @@
 """Explain a trained LeNet-5: ``python scripts/explain.py --method lrp [--run RUN_DIR] [--n 16]``.
 
 Writes a PNG grid (input image, heatmap, labels) and an ``.npz`` with the attributions. ``--method
-all`` draws every method side by side. Logic: ``lenet_jax.report``.
+all`` draws every method side by side; ``--indices`` picks test images, ``--image`` explains your
+own picture files, ``--target`` a class other than the predicted one. Logic: ``lenet_jax.report``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,31 @@ def main(argv=None) -> int:
         help="LRP composite (rules per layer)",
     )
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
-    p.add_argument("--n", type=cli.positive_int, default=16, help="number of test images")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--n",
+        type=cli.positive_int,
+        default=16,
+        help="number of test images (the first ones; for all, a quarter misclassified)",
+    )
+    which.add_argument(
+        "--indices", type=cli.index_list, default=None, help="these test images, e.g. 0,7,42"
+    )
+    which.add_argument(
+        "--image",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="explain your own image files (PNG, JPEG): dark ink on a light background is "
+        "inverted, and digits are laid out as MNIST's (20x20 box, centered by mass)",
+    )
+    p.add_argument(
+        "--target",
+        type=cli.non_negative_int,
+        default=None,
+        help="the class to explain in every image (default: the predicted class)",
+    )
     p.add_argument(
         "--layer",
         default=None,
@@ -60,6 +85,9 @@ def main(argv=None) -> int:
             run,
             args.method,
             n=args.n,
+            indices=args.indices,
+            images=args.image,
+            target=args.target,
             out=args.out,
             layer=args.layer,
             composite=args.composite,

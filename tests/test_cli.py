@@ -1,16 +1,19 @@
 """The command lines (explain, evaluate, profile, benchmark) on small inputs, as a user runs them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from lenet_jax import explain
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
+from lenet_jax.image_files import read_images
 from lenet_jax.models import LeNet5
 from lenet_jax.report import evaluate_run, explain_run, split_options
 
@@ -120,7 +123,68 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     assert r.stderr.strip() == "explain.py: error: option n_samples must be of type int, got 'many'"
     r = run_script("explain.py", "--run", tiny_run, "--option", "window", "--out", out)
     assert r.returncode == 2 and "argument --option: 'window' is not KEY=VALUE" in r.stderr
+    # a bad --layer is found before the attributions are saved
+    r = run_script("explain.py", "--run", tiny_run, "--layer", "conv9", "--n", 2, "--out", out)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "explain.py: error: unknown layer 'conv9' for feature maps; "
+        "choose one of ['act1', 'act2', 'conv1', 'conv2', 'pool1', 'pool2']"
+    )
+    r = run_script("explain.py", "--run", tiny_run, "--indices", "1,2", "--image", out)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(method="saliency", layer="conv2"),
+            "--layer applies to lrp and the CAMs, not to saliency",
+        ),
+        (dict(indices=[3, 10000]), "test index 10000 out of range: the test set has 10000 images"),
+        (dict(target=10), "target 10 out of range: the model has classes 0..9"),
+        (dict(images=["missing.png"]), "no such image file: missing.png"),
+        (dict(images=["a.png"], indices=[1]), "give test indices or image files, not both"),
+    ],
+)
+def test_explain_run_rejects_bad_choices_before_writing(tiny_run, tmp_path, kwargs, message):
+    kwargs = {"method": "lrp", **kwargs}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        explain_run(tiny_run, out=tmp_path / "x.png", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
+    model, params, _ = load_params(tiny_run)
+    images, labels = load_mnist("test", progress=False)
+    written = explain_run(tiny_run, "lrp", indices=[5, 3], target=2, out=tmp_path / "t.png")
+    saved = np.load(written["npz"])
+    np.testing.assert_array_equal(saved["indices"], [5, 3])
+    np.testing.assert_array_equal(saved["labels"], labels[[5, 3]])
+    np.testing.assert_array_equal(saved["target"], [2, 2])
+    direct = explain.lrp(model, params, model.preprocess(images[[5, 3]]), 2)
+    np.testing.assert_allclose(
+        saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
+    )
+    assert written["png"].read_bytes()[:8] == PNG
+
+    # the same digits as picture files, dark ink on white paper, enlarged
+    files = []
+    for i in (5, 3):
+        files.append(tmp_path / f"digit{i}.png")
+        plt.imsave(files[-1], 1 - np.kron(images[i] / 255, np.ones((2, 2))), cmap="gray")
+    written = explain_run(tiny_run, "saliency", images=files, out=tmp_path / "files.png")
+    saved = np.load(written["npz"])
+    assert list(saved["files"]) == [str(f) for f in files] and "labels" not in saved
+    x = model.preprocess(read_images(files))
+    np.testing.assert_array_equal(saved["pred"], np.argmax(model.apply({"params": params}, x), -1))
+    np.testing.assert_allclose(
+        saved["attribution"],
+        np.asarray(explain.saliency(model, params, x)).sum(-1),
+        rtol=1e-5,
+        atol=1e-7,  # float32 rounding of the tiny gradients, jitted vs not
+    )
 
 
 def test_explain_options_reach_the_method(tiny_run, tmp_path):
