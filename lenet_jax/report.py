@@ -145,29 +145,9 @@ def explain_run(
             f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
         )
 
-    if images is not None:
-        raw = read_images(images, model.dataset)
-        x = model.preprocess(raw)
-        logits = np.asarray(predict(model, params, jnp.asarray(raw)))
-        y = np.full(len(x), -1)  # no labels
-        source = {"files": np.array([str(p) for p in images])}
-    else:
-        test_images, labels = load_dataset(
-            model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
-        )
-        logits_all = predict(model, params, jnp.asarray(test_images))
-        if indices is None:
-            idx = pick_examples(logits_all.argmax(1), labels, n, mix_wrong=(method == "all"))
-        else:
-            idx = np.asarray(indices, dtype=np.int64)
-            bad = idx[(idx < 0) | (idx >= len(labels))]
-            if bad.size:
-                raise ValueError(
-                    f"test index {bad[0]} out of range: the test set has {len(labels)} images"
-                )
-        x = model.preprocess(test_images[idx])
-        logits, y = np.asarray(logits_all)[idx], labels[idx]
-        source = {"indices": idx, "labels": y}
+    x, logits, y, source = _chosen_inputs(
+        model, params, method, n, indices, images, data_dir, data_source
+    )
     pred = logits.argmax(1)
     explained = pred if target is None else np.full(len(pred), target)
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
@@ -239,6 +219,32 @@ def explain_run(
     for key, (path, fig) in figures.items():
         written[key] = plot.save(fig, path)
     return written
+
+
+def _chosen_inputs(model, params, method, n, indices, images, data_dir, data_source):
+    """``(x, logits, labels, saved)``: the normalized inputs to explain, their logits, their labels
+    (``-1`` for image files) and what identifies them in the ``.npz`` (indices or file names)."""
+    if images is not None:
+        raw = read_images(images, model.dataset)
+        logits = np.asarray(predict(model, params, jnp.asarray(raw)))
+        labels = np.full(len(raw), -1)
+        return model.preprocess(raw), logits, labels, {"files": np.array([str(p) for p in images])}
+    test_images, test_labels = load_dataset(
+        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+    )
+    logits_all = np.asarray(predict(model, params, jnp.asarray(test_images)))
+    if indices is None:
+        idx = pick_examples(logits_all.argmax(1), test_labels, n, mix_wrong=(method == "all"))
+    else:
+        idx = np.asarray(indices, dtype=np.int64)
+        bad = idx[(idx < 0) | (idx >= len(test_labels))]
+        if bad.size:
+            raise ValueError(
+                f"test index {bad[0]} out of range: the test set has {len(test_labels)} images"
+            )
+    labels = test_labels[idx]
+    saved = {"indices": idx, "labels": labels}
+    return model.preprocess(test_images[idx]), logits_all[idx], labels, saved
 
 
 def _feature_map_figure(model, params, x, target, composite, layer, pixels, title):
