@@ -212,7 +212,7 @@ def explain_run(
             figures["layer_png"] = (
                 out.with_name(out.stem + f"_{layer}.png"),
                 _feature_map_figure(
-                    model, params, x, target, composite, layer, pixels[0], describe(0, False)
+                    model, params, x, target, layer, pixels[0], describe(0, False), method_options
                 ),
             )
     written = {"npz": atomic_savez(out.with_suffix(".npz"), **arrays)}
@@ -247,13 +247,15 @@ def _chosen_inputs(model, params, method, n, indices, images, data_dir, data_sou
     return model.preprocess(test_images[idx]), logits_all[idx], labels, saved
 
 
-def _feature_map_figure(model, params, x, target, composite, layer, pixels, title):
-    """The relevance of ``layer``'s feature maps for the first image, ranked."""
+def _feature_map_figure(model, params, x, target, layer, pixels, title, lrp_options):
+    """The relevance of ``layer``'s feature maps for the first image, ranked, with the rules and
+    options (``lrp_options``, as passed to ``explain.lrp``) of the heatmaps beside it."""
     from lenet_jax import plot
 
-    rels = jax.jit(
-        functools.partial(explain.lrp_layerwise, model, target=target, composite=composite)
-    )(params, x[:1])
+    rule_options = {k: v for k, v in lrp_options.items() if k != "batch_size"}  # one image
+    rels = jax.jit(functools.partial(explain.lrp_layerwise, model, target=target, **rule_options))(
+        params, x[:1]
+    )
     maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
     if layer not in maps:
         raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")

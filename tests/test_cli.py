@@ -297,3 +297,24 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
     assert set(out["ratios"]) == {"LRP time / saliency time"}
     r = run_script("benchmark.py", "--only", "gpu")
     assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
+
+
+def test_explain_lrp_feature_maps_use_the_same_rule_options(tiny_run, tmp_path, monkeypatch):
+    from lenet_jax import plot
+
+    drawn = []
+    draw = plot.feature_map_relevance
+    monkeypatch.setattr(
+        plot, "feature_map_relevance", lambda maps, *a: drawn.append(maps) or draw(maps, *a)
+    )
+    options = {"epsilon": 5.0}
+    written = explain_run(
+        tiny_run, "lrp", indices=[4], layer="conv2", options=options, out=tmp_path / "l.png"
+    )
+    model, params, _ = load_params(tiny_run)
+    x = model.preprocess(load_mnist("test", progress=False)[0][[4]])
+    rels = explain.lrp_layerwise(model, params, x, epsilon=5.0)
+    np.testing.assert_allclose(drawn[0], np.asarray(rels["conv2"][0]), rtol=1e-5, atol=1e-7)
+    default = explain.lrp_layerwise(model, params, x)["conv2"][0]
+    assert not np.allclose(drawn[0], np.asarray(default), rtol=1e-3)
+    assert written["layer_png"].read_bytes()[:8] == PNG
