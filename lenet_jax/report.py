@@ -140,6 +140,7 @@ def explain_run(
         raise ValueError(f"--out must name a .png file, got {out}")
     model, params, _ = checkpoint.load_params(run_dir)
     classes = get_dataset(model.dataset).classes
+    # explain's own range check sees only concrete targets; under jit the target is traced
     if target is not None and not 0 <= target < len(classes):
         raise ValueError(
             f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
