@@ -318,3 +318,22 @@ def test_explain_lrp_feature_maps_use_the_same_rule_options(tiny_run, tmp_path, 
     default = explain.lrp_layerwise(model, params, x)["conv2"][0]
     assert not np.allclose(drawn[0], np.asarray(default), rtol=1e-3)
     assert written["layer_png"].read_bytes()[:8] == PNG
+
+
+def test_argument_types_parse_or_say_why_in_one_line():
+    import argparse
+
+    from lenet_jax import cli
+
+    assert cli.index_list("0,7,42") == [0, 7, 42]
+    assert cli.non_negative_int("0") == 0
+    assert cli.key_value("n_samples=100") == ("n_samples", 100)
+    assert cli.key_value("variant=vargrad") == ("variant", "vargrad")
+    for parse, text, why in [
+        (cli.index_list, "3,x", "'3,x' is not a comma-separated list of integers"),
+        (cli.index_list, "1,-2", "'1,-2': indices must be >= 0"),
+        (cli.non_negative_int, "-1", "'-1' must be an integer >= 0"),
+        (cli.key_value, "3=x", "'3=x' is not KEY=VALUE"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(why)}$"):
+            parse(text)
