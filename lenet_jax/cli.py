@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import platform
+from pathlib import Path
 
 
 def _number(kind, check, what):
@@ -109,3 +112,33 @@ def one_line_errors(parser: argparse.ArgumentParser):
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
+
+
+# Vector extensions that decide how fast XLA's and PyTorch's CPU kernels run, as ``/proc/cpuinfo``
+# flags and the names reports give them (the widest SIMD first).
+_CPU_FEATURES = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("amx_bf16", "AMX-BF16"))
+
+
+def machine(cpuinfo: str | None = None) -> str:
+    """Where a benchmark ran, for its report: ``"host (CPU model; x86_64, 2 CPUs, AVX-512)"``.
+
+    The CPU model and vector extensions come from ``cpuinfo`` (default: ``/proc/cpuinfo`` where it
+    exists), because the same script gives different figures on different CPUs of the same size.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    features = [name for flag, name in _CPU_FEATURES if flag in flags]
+    if "AVX-512" in features and "AVX2" in features:
+        features.remove("AVX2")
+    details = [platform.machine(), f"{os.cpu_count()} CPUs", *features]
+    return f"{platform.node()} ({model}; {', '.join(details)})"

@@ -16,7 +16,6 @@ import argparse
 import collections
 import gzip
 import json
-import platform
 import re
 import statistics
 import sys
@@ -270,7 +269,7 @@ def main(argv=None) -> int:
     step, layers, ops, bound, (model, params, x) = profile_jax(args.batch_size, args.repeats)
     device = jax.devices()[0]
     results = {
-        "machine": f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} CPUs)",
+        "machine": cli.machine(),
         "jax": jax.__version__,
         "device": f"{device.platform}:{device.device_kind}",
         "batch_size": args.batch_size,

@@ -299,6 +299,35 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
     assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
 
 
+@pytest.mark.slow
+def test_benchmark_bounds_score_cam_by_its_forward_passes(tmp_path, mnist):
+    pytest.importorskip("torch")
+    r = run_script(
+        "benchmark.py",
+        "--only",
+        "explain",
+        "--methods",
+        "score_cam",
+        "--images",
+        20,
+        "--repeats",
+        1,
+        "--out",
+        tmp_path / "b",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "b.json").read_text())
+    rows = {row["name"].split(" (")[0]: row for row in out["rows"]}
+    # one forward pass per image and conv2 channel: 20 x 16 masked inputs
+    assert "JAX forward of Score-CAM's 320 masked inputs" in rows
+    assert "PyTorch forward of the same inputs" in rows
+    forwards = rows["JAX forward of Score-CAM's 320 masked inputs"]["median_s"]
+    loop = rows["Score-CAM per-image loop"]["median_s"]
+    key = "Score-CAM per-image loop time / JAX forward of its masked inputs"
+    assert out["ratios"][key] == loop / forwards
+    assert out["machine"] in (tmp_path / "b.md").read_text()
+
+
 def test_explain_lrp_feature_maps_use_the_same_rule_options(tiny_run, tmp_path, monkeypatch):
     from lenet_jax import plot
 
@@ -337,3 +366,25 @@ def test_argument_types_parse_or_say_why_in_one_line():
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(why)}$"):
             parse(text)
+
+
+def test_machine_names_the_cpu_model_and_its_vector_extensions():
+    import os
+    import platform
+
+    from lenet_jax import cli
+
+    where = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    xeon = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+        "flags\t\t: fpu sse2 avx2 avx512f amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: another model\nflags\t\t: fpu\n"
+    )
+    assert cli.machine(xeon) == (
+        f"{platform.node()} (Intel(R) Xeon(R) Platinum 8480+; {where}, AVX-512, AMX-BF16)"
+    )
+    epyc = "model name : AMD EPYC\nflags : fpu avx avx2 fma\n"
+    assert cli.machine(epyc) == f"{platform.node()} (AMD EPYC; {where}, AVX2)"
+    assert (
+        cli.machine("") == f"{platform.node()} ({platform.processor() or 'unknown CPU'}; {where})"
+    )
