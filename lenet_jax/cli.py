@@ -1,4 +1,4 @@
-"""Shared helpers of the command-line scripts: argument types and error reporting."""
+"""Shared helpers of the command-line scripts: argument types, error reporting, the machine name."""
 
 from __future__ import annotations
 
