@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from conftest import require
 
 from lenet_jax import explain
 from lenet_jax.checkpoint import load_params
@@ -300,8 +301,9 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
 
 
 @pytest.mark.slow
+@pytest.mark.peers
 def test_benchmark_bounds_score_cam_by_its_forward_passes(tmp_path, mnist):
-    pytest.importorskip("torch")
+    require("torch")  # the PyTorch rows; in CI a missing peer fails instead of skipping
     r = run_script(
         "benchmark.py",
         "--only",
