@@ -304,15 +304,22 @@ def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
     return rows
 
 
+def torch_peer(model, params, x):
+    """``(twin, x_nchw)``: the float32 PyTorch twin of ``model`` with ``params``, and ``x`` as its
+    NCHW input tensor."""
+    import torch
+
+    from lenet_jax.twins import to_nchw, torch_twin
+
+    return torch_twin(model, params, dtype="float32"), torch.tensor(to_nchw(np.asarray(x)))
+
+
 def bench_zennit(model, params, x, repeats, batch_size=1000):
     import torch
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
 
-    from lenet_jax.twins import to_nchw, torch_twin
-
-    twin = torch_twin(model, params, dtype="float32")
-    xt = torch.tensor(to_nchw(np.asarray(x)))
+    twin, xt = torch_peer(model, params, x)
 
     def run():
         out = []
@@ -338,10 +345,8 @@ def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_step
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
     from lenet_jax.data import normalized_range
-    from lenet_jax.twins import to_nchw, torch_twin
 
-    twin = torch_twin(model, params, dtype="float32")
-    xt = torch.tensor(to_nchw(np.asarray(x)))
+    twin, xt = torch_peer(model, params, x)
     with torch.no_grad():
         target = torch.cat([twin(xt[i : i + 2000]).argmax(1) for i in range(0, len(xt), 2000)])
     black = normalized_range()[0]
@@ -389,10 +394,7 @@ def bench_score_cam_loop(model, params, x, repeats, mask_batch=16):
     import torch
     import torch.nn.functional as F
 
-    from lenet_jax.twins import to_nchw, torch_twin
-
-    twin = torch_twin(model, params, dtype="float32")
-    xt = torch.tensor(to_nchw(np.asarray(x)))
+    twin, xt = torch_peer(model, params, x)
     features = twin[:4]  # up to conv2's output
 
     def run():
@@ -437,10 +439,7 @@ def bench_score_cam_forwards(model, params, x, repeats, chunk=256):
     ]
     import torch
 
-    from lenet_jax.twins import to_nchw, torch_twin
-
-    twin = torch_twin(model, params, dtype="float32")
-    xt = torch.tensor(to_nchw(np.asarray(masked)))
+    twin, xt = torch_peer(model, params, masked)
 
     def run():
         with torch.inference_mode():
@@ -463,10 +462,7 @@ def bench_pytorch_grad_cam(model, params, x, repeats, images_per_call=1000):
         return None
     import torch
 
-    from lenet_jax.twins import to_nchw, torch_twin
-
-    twin = torch_twin(model, params, dtype="float32")
-    xt = torch.tensor(to_nchw(np.asarray(x)))
+    twin, xt = torch_peer(model, params, x)
     conv2 = twin[[layer.name for layer in model.layers].index("conv2")]
     cam = pytorch_grad_cam.ScoreCAM(model=twin, target_layers=[conv2])
 
