@@ -5,8 +5,11 @@ the trainer dispatches it, its parts (forward, forward + backward, optimizer upd
 of a trivial jitted call), and the forward and backward of every layer on its stored input, next to
 the same layer in PyTorch (backward = forward with backward minus forward; the first layer computes
 no input gradient in either, as in training), and the compiled step's slowest operations from a
-``jax.profiler`` trace (each XLA op's time per step, with the JAX operation it came from), and the
-step's FLOPs against the machine's matmul rate (a lower bound on the step's time). Writes
+``jax.profiler`` trace (each XLA op's time per step, with the JAX operation it came from), the
+step's FLOPs against the machine's matmul rate (a lower bound on the step's time), and ablations:
+the whole step again with one layer at a time replaced by a stand-in of the same shapes and
+parameters that does almost no work. What a stand-in saves is what its layer costs the step's
+wall time; the trace cannot say that when XLA's threads run independent ops side by side. Writes
 ``--out`` JSON and Markdown (default ``docs/profile``).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import re
@@ -31,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from lenet_jax import cli  # noqa: E402
 from lenet_jax.io import write_report  # noqa: E402
-from lenet_jax.layers import forward  # noqa: E402
+from lenet_jax.layers import Activation, AvgPool, Conv, forward  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     TrainConfig,
@@ -52,6 +56,100 @@ def median_ms(fn, repeats):
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class CentreTapConv(Conv):
+    """Stand-in for a ``"VALID"`` convolution: its kernel's centre tap alone, a 1x1 convolution
+    with the same output shape and parameters (the other taps get zero gradients)."""
+
+    def apply(self, params, x_BHWC):
+        kh, kw = self.kernel_size
+        if self.padding != "VALID":
+            raise ValueError(f"{self.name}: the centre-tap stand-in needs 'VALID' padding")
+        h, w = x_BHWC.shape[1] - kh + 1, x_BHWC.shape[2] - kw + 1
+        window = x_BHWC[:, kh // 2 : kh // 2 + h, kw // 2 : kw // 2 + w]
+        return window @ params["kernel"][kh // 2, kw // 2] + params["bias"].reshape(1, 1, 1, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityActivation(Activation):
+    """Stand-in for an activation: the identity."""
+
+    def apply(self, params, x):
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class CornerPool(AvgPool):
+    """Stand-in for average pooling: each window's first pixel (a strided slice)."""
+
+    def apply(self, params, x_BHWC):
+        w = self.window
+        b, h, wd, c = x_BHWC.shape
+        return x_BHWC[:, : h // w * w : w, : wd // w * w : w]
+
+
+STAND_INS = {Conv: CentreTapConv, Activation: IdentityActivation, AvgPool: CornerPool}
+
+
+class Ablated(LeNet5):
+    """LeNet-5 with the layer named ``replaced`` swapped for its stand-in in ``STAND_INS``."""
+
+    replaced: str = ""
+
+    @property
+    def layers(self):
+        layers = super().layers
+        if self.replaced not in [layer.name for layer in layers]:
+            raise ValueError(f"no layer {self.replaced!r} in LeNet-5")
+        return tuple(
+            STAND_INS[type(layer)](**dataclasses.asdict(layer))
+            if layer.name == self.replaced
+            else layer
+            for layer in layers
+        )
+
+
+def ablations(batch_size, repeats):
+    """Step times (ms) of LeNet-5 and of ``Ablated`` for every layer that has a stand-in.
+
+    The steps are timed in turns (``repeats // 20`` rounds of 20 steps each, at least 3), so a
+    slow spell of the machine falls on all of them alike. Returns ``[{"replaced", "step_ms"}]``,
+    first ``"none"`` (the unchanged step), then the layers in order.
+    """
+    names = ["none"] + [layer.name for layer in LeNet5().layers if type(layer) in STAND_INS]
+    params = init_params(LeNet5(), jax.random.key(0))
+    config = TrainConfig(batch_size=batch_size)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size * 8, 28, 28), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, batch_size * 8).astype(np.int32))
+    idx = jnp.arange(batch_size * 8, dtype=jnp.int32).reshape(8, batch_size)
+    weight = jnp.ones((8, batch_size), jnp.float32)
+    runs = {}
+    for name in names:
+        model = LeNet5() if name == "none" else Ablated(replaced=name)
+        tx = make_optimizer(config, 100)
+        state = create_train_state(
+            model, jax.tree_util.tree_map(jnp.copy, params), tx, jax.random.key(1)
+        )
+        step = make_step_fn()
+        box = [state, _zero_metrics()]
+
+        def run(n, step=step, box=box):
+            for i in range(n):
+                box[0], box[1] = step(box[0], box[1], images, labels, idx, weight, i % 8)
+            return box[1]
+
+        jax.block_until_ready(run(2))  # compiles
+        runs[name] = run
+    times = {name: [] for name in names}
+    for _ in range(max(repeats // 20, 3)):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(20))
+            times[name].append((time.perf_counter() - t0) / 20 * 1000)
+    return [{"replaced": name, "step_ms": statistics.median(t)} for name, t in times.items()]
 
 
 def profile_jax(batch_size, repeats):
@@ -254,6 +352,25 @@ def markdown(results) -> str:
             for r in results["ops"]
         ],
     ]
+    base, *rows = results["ablations"]
+    lines += [
+        "",
+        "Ablations: the whole step with one layer replaced by a stand-in of the same shapes and "
+        "parameters that does almost no work (a convolution by its kernel's centre tap, an "
+        "activation by the identity, average pooling by each window's first pixel), timed in "
+        "turns with the unchanged step. A layer's saving is what it costs the step's wall time. "
+        "A stand-in can also make the step slower, where XLA then fuses the neighbouring layers "
+        "into a slower kernel (e.g. without act1, conv1's multiply-adds fuse into pool1's "
+        "reduction):",
+        "",
+        "| layer replaced | step (ms) | saved (ms) |",
+        "|---|---:|---:|",
+        f"| none | {base['step_ms']:.3f} | |",
+        *[
+            f"| {r['replaced']} | {r['step_ms']:.3f} | {base['step_ms'] - r['step_ms']:+.3f} |"
+            for r in rows
+        ],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +395,7 @@ def main(argv=None) -> int:
         "layers": layers,
         "ops": ops,
         "roofline": bound,
+        "ablations": ablations(args.batch_size, args.repeats),
     }
     if not args.no_peers:
         try:

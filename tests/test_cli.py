@@ -273,6 +273,66 @@ def test_profile_step_takes_the_step_apart(tmp_path):
     assert roof["step_mflop"] >= 2 * 64 * (3 * 416_520 - 117_600) / 1e6
     assert roof["bound_ms"] == pytest.approx(roof["step_mflop"] / roof["matmul_gflops"])
     assert "Roofline: XLA's cost analysis counts" in (tmp_path / "p.md").read_text()
+    # ablations: the step once unchanged and once per layer that has a stand-in, in layer order
+    abl = {r["replaced"]: r["step_ms"] for r in out["ablations"]}
+    assert list(abl) == ["none", "conv1", "act1", "pool1", "conv2", "act2", "pool2", "act3", "act4"]
+    assert all(ms > 0 for ms in abl.values())
+    saved = abl["none"] - abl["conv2"]
+    assert f"| conv2 | {abl['conv2']:.3f} | {saved:+.3f} |" in (tmp_path / "p.md").read_text()
+
+
+def _profile_step_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", ROOT / "scripts" / "profile_step.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_stand_ins_keep_shapes_and_params_and_drop_the_work():
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from lenet_jax.models import init_params
+
+    ps = _profile_step_module()
+    params = init_params(LeNet5(), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, 14, 14, 6), jnp.float32)
+    layer = LeNet5().layers[3]  # conv2
+    tap = ps.CentreTapConv(**{f: getattr(layer, f) for f in ("name", "features")})
+    p = params["conv2"]
+    centre_only = jnp.zeros_like(p["kernel"]).at[2, 2].set(p["kernel"][2, 2])
+    want = lax.conv_general_dilated(
+        x, centre_only, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ) + p["bias"].reshape(1, 1, 1, -1)
+    np.testing.assert_allclose(tap.apply(p, x), want, rtol=1e-5, atol=1e-6)
+    # the other taps take no part: their gradient is exactly zero
+    g = jax.grad(lambda k: tap.apply({**p, "kernel": k}, x).sum())(p["kernel"])
+    assert np.count_nonzero(np.asarray(g)) == np.count_nonzero(np.asarray(g[2, 2])) == 6 * 16
+    np.testing.assert_array_equal(ps.CornerPool("pool").apply(None, x), x[:, ::2, ::2])
+    np.testing.assert_array_equal(ps.IdentityActivation("act").apply(None, x), x)
+    # an ablated LeNet-5 swaps exactly the named layer and keeps every parameter
+    ablated = ps.Ablated(replaced="conv2")
+    kinds = [type(layer).__name__ for layer in ablated.layers]
+    assert (
+        kinds
+        == [type(layer).__name__ for layer in LeNet5().layers][:3]
+        + ["CentreTapConv"]
+        + [type(layer).__name__ for layer in LeNet5().layers][4:]
+    )
+    same = jax.tree_util.tree_map(
+        lambda a, b: a.shape == b.shape and bool((a == b).all()),
+        params,
+        init_params(ablated, jax.random.key(0)),
+    )
+    assert jax.tree_util.tree_all(same)
+    with pytest.raises(ValueError, match="no layer 'conv9' in LeNet-5"):
+        _ = ps.Ablated(replaced="conv9").layers
 
 
 @pytest.mark.slow
