@@ -101,8 +101,11 @@ class Ablated(LeNet5):
     @property
     def layers(self):
         layers = super().layers
-        if self.replaced not in [layer.name for layer in layers]:
+        kinds = {layer.name: type(layer) for layer in layers}
+        if self.replaced not in kinds:
             raise ValueError(f"no layer {self.replaced!r} in LeNet-5")
+        if kinds[self.replaced] not in STAND_INS:
+            raise ValueError(f"no stand-in for {self.replaced} ({kinds[self.replaced].__name__})")
         return tuple(
             STAND_INS[type(layer)](**dataclasses.asdict(layer))
             if layer.name == self.replaced

@@ -333,6 +333,8 @@ def test_profile_stand_ins_keep_shapes_and_params_and_drop_the_work():
     assert jax.tree_util.tree_all(same)
     with pytest.raises(ValueError, match="no layer 'conv9' in LeNet-5"):
         _ = ps.Ablated(replaced="conv9").layers
+    with pytest.raises(ValueError, match=r"no stand-in for fc1 \(Dense\)"):
+        _ = ps.Ablated(replaced="fc1").layers
 
 
 @pytest.mark.slow
