@@ -58,6 +58,16 @@ def median_ms(fn, repeats):
     return 1000 * statistics.median(times)
 
 
+def random_batches(batch_size, n=8):
+    """``n`` batches of random uint8 digits and labels as the step takes them:
+    ``(images, labels, idx, weight)``."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (batch_size * n, 28, 28), dtype=np.uint8))
+    labels = jnp.asarray(rng.integers(0, 10, batch_size * n).astype(np.int32))
+    idx = jnp.arange(batch_size * n, dtype=jnp.int32).reshape(n, batch_size)
+    return images, labels, idx, jnp.ones((n, batch_size), jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class CentreTapConv(Conv):
     """Stand-in for a ``"VALID"`` convolution: its kernel's centre tap alone, a 1x1 convolution
@@ -124,11 +134,7 @@ def ablations(batch_size, repeats):
     names = ["none"] + [layer.name for layer in LeNet5().layers if type(layer) in STAND_INS]
     params = init_params(LeNet5(), jax.random.key(0))
     config = TrainConfig(batch_size=batch_size)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch_size * 8, 28, 28), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, batch_size * 8).astype(np.int32))
-    idx = jnp.arange(batch_size * 8, dtype=jnp.int32).reshape(8, batch_size)
-    weight = jnp.ones((8, batch_size), jnp.float32)
+    images, labels, idx, weight = random_batches(batch_size)
     runs = {}
     for name in names:
         model = LeNet5() if name == "none" else Ablated(replaced=name)
@@ -160,11 +166,7 @@ def profile_jax(batch_size, repeats):
     params = init_params(model, jax.random.key(0))
     config = TrainConfig(batch_size=batch_size)
     tx = make_optimizer(config, 100)
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch_size * 8, 28, 28), dtype=np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, batch_size * 8).astype(np.int32))
-    idx = jnp.arange(batch_size * 8, dtype=jnp.int32).reshape(8, batch_size)
-    weight = jnp.ones((8, batch_size), jnp.float32)
+    images, labels, idx, weight = random_batches(batch_size)
     x = model.preprocess(images[:batch_size])
     y = labels[:batch_size]
     rows = {}
