@@ -68,6 +68,28 @@ def random_batches(batch_size, n=8):
     return images, labels, idx, jnp.ones((n, batch_size), jnp.float32)
 
 
+def step_runner(model, params, tx, batches):
+    """The trainer's jitted step for ``model``, from a copy of ``params`` (every step donates the
+    state), on ``batches`` (``random_batches``).
+
+    Returns ``(run, step, box)``: ``run(n=1)`` dispatches ``n`` steps, cycling through the batches
+    from the first, and returns the running sums; ``box`` holds the current ``[state, sums]``.
+    """
+    images, labels, idx, weight = batches
+    step = make_step_fn()
+    state = create_train_state(
+        model, jax.tree_util.tree_map(jnp.copy, params), tx, jax.random.key(1)
+    )
+    box = [state, _zero_metrics()]
+
+    def run(n=1):
+        for i in range(n):
+            box[0], box[1] = step(box[0], box[1], images, labels, idx, weight, i % idx.shape[0])
+        return box[1]
+
+    return run, step, box
+
+
 @dataclasses.dataclass(frozen=True)
 class CentreTapConv(Conv):
     """Stand-in for a ``"VALID"`` convolution: its kernel's centre tap alone, a 1x1 convolution
@@ -96,7 +118,7 @@ class CornerPool(AvgPool):
 
     def apply(self, params, x_BHWC):
         w = self.window
-        b, h, wd, c = x_BHWC.shape
+        h, wd = x_BHWC.shape[1:3]
         return x_BHWC[:, : h // w * w : w, : wd // w * w : w]
 
 
@@ -134,22 +156,11 @@ def ablations(batch_size, repeats):
     names = ["none"] + [layer.name for layer in LeNet5().layers if type(layer) in STAND_INS]
     params = init_params(LeNet5(), jax.random.key(0))
     config = TrainConfig(batch_size=batch_size)
-    images, labels, idx, weight = random_batches(batch_size)
+    batches = random_batches(batch_size)
     runs = {}
     for name in names:
         model = LeNet5() if name == "none" else Ablated(replaced=name)
-        tx = make_optimizer(config, 100)
-        state = create_train_state(
-            model, jax.tree_util.tree_map(jnp.copy, params), tx, jax.random.key(1)
-        )
-        step = make_step_fn()
-        box = [state, _zero_metrics()]
-
-        def run(n, step=step, box=box):
-            for i in range(n):
-                box[0], box[1] = step(box[0], box[1], images, labels, idx, weight, i % 8)
-            return box[1]
-
+        run, _, _ = step_runner(model, params, make_optimizer(config, 100), batches)
         jax.block_until_ready(run(2))  # compiles
         runs[name] = run
     times = {name: [] for name in names}
@@ -166,21 +177,12 @@ def profile_jax(batch_size, repeats):
     params = init_params(model, jax.random.key(0))
     config = TrainConfig(batch_size=batch_size)
     tx = make_optimizer(config, 100)
-    images, labels, idx, weight = random_batches(batch_size)
+    images, labels, idx, weight = batches = random_batches(batch_size)
     x = model.preprocess(images[:batch_size])
     y = labels[:batch_size]
     rows = {}
 
-    step = make_step_fn()
-    state = create_train_state(
-        model, jax.tree_util.tree_map(jnp.copy, params), tx, jax.random.key(1)
-    )
-    box = [state, _zero_metrics()]  # donated by every step: a copy of the params
-
-    def one_step():
-        box[0], box[1] = step(box[0], box[1], images, labels, idx, weight, 0)
-        return box[1]
-
+    one_step, step, box = step_runner(model, params, tx, batches)
     rows["whole step (gather, preprocess, forward, backward, update), dispatched"] = median_ms(
         one_step, repeats
     )
