@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.data import normalized_range
-from lenet_jax.explain._common import chunked_map, logits_of
-from lenet_jax.models import init_params
+from lenet_jax.explain.common import chunked_map
+from lenet_jax.models import explained, init_params
 
 REPLACEMENTS = ("black", "mean", "uniform")
 ORDERS = ("morf", "lerf", "random")
@@ -54,7 +54,7 @@ def _scores(model, params, xs, target, batch_size):
 
     def chunk(a):
         xc, tc = a
-        logits = logits_of(model, params, xc.reshape(-1, *xc.shape[2:]))
+        logits = explained(model, params)(xc.reshape(-1, *xc.shape[2:]))
         logits = logits.reshape(xc.shape[0], s, -1)
         probs = jax.nn.softmax(logits, axis=-1)
         pick = lambda v: jnp.take_along_axis(v, tc[:, None, None], axis=2)[..., 0]  # noqa: E731
@@ -211,7 +211,7 @@ def sparseness(attribution):
 
 def conservation_error(model, params, x, target, attribution):
     """``|Σ attribution − logit[target]| / |logit[target]|`` per image (LRP's conservation)."""
-    logits = logits_of(model, params, x)
+    logits = explained(model, params)(x)
     z = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
     total = attribution.reshape(attribution.shape[0], -1).sum(1)
     return jnp.abs(total - z) / jnp.maximum(jnp.abs(z), 1e-12)
@@ -219,7 +219,8 @@ def conservation_error(model, params, x, target, attribution):
 
 def param_layers_top_down(model) -> list[str]:
     """Names of the layers with parameters, output layer first (the cascade's order)."""
-    return [layer.name for layer in reversed(model.layers) if layer.has_params]
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    return list(reversed(list(shapes)))
 
 
 def randomized_params(model, params, n_layers: int, key: jax.Array):

@@ -1,70 +1,41 @@
-"""Flax Linen models built from a discoverable layer sequence (see ``lenet_jax.layers``)."""
+"""The package's models: idiomatic Flax Linen modules (``nn.Conv``, ``nn.Dense``, ``nn.avg_pool``).
+
+Each model knows the dataset whose images it reads (``dataset``): that fixes its input shape and
+normalization, and ``dataset_options`` turns it into what the explainers need of it (the zᴮ bounds
+and the black baseline). ``cpu_kernels`` swaps in the faster CPU forms of ``lenet_jax.cpu_kernels``
+for training; the parameters are the same either way, and the explanation methods always use the
+reference form.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from lenet_jax.data import get_dataset, preprocess
-from lenet_jax.layers import (
-    Activation,
-    AvgPool,
-    Conv,
-    Dense,
-    Dropout,
-    Flatten,
-    Layer,
-    MaxPool,
-)
+from lenet_jax import cpu_kernels
+from lenet_jax.data import get_dataset, normalized_range, preprocess
 
 
-class ParamLayer(nn.Module):
-    """A conv or dense layer as a Linen submodule: ``kernel``/``bias`` params, ``spec.apply``."""
-
-    spec: Conv | Dense
-    kernel_init: Any = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x):
-        if isinstance(self.spec, Conv):
-            kernel_shape = (*self.spec.kernel_size, x.shape[-1], self.spec.features)
-        else:
-            kernel_shape = (x.shape[-1], self.spec.features)
-        params = {
-            "kernel": self.param("kernel", self.kernel_init, kernel_shape, jnp.float32),
-            "bias": self.param("bias", nn.initializers.zeros, (self.spec.features,), jnp.float32),
-        }
-        return self.spec.apply(params, x)
-
-
-class SequentialModel(nn.Module):
-    """A Linen module whose forward pass is its ``layers`` sequence, applied in order.
-
-    Subclasses define ``layers`` (a tuple of ``lenet_jax.layers`` descriptions) and ``image_size``.
-    Conv and dense layers become ``ParamLayer`` submodules named after the layer, with the standard
-    ``kernel``/``bias`` parameters (the layouts of ``nn.Conv``/``nn.Dense``); every layer computes
-    with its pure ``apply``, so ``lenet_jax.layers.forward`` equals ``model.apply`` exactly.
+class ImageClassifier(nn.Module):
+    """What the package's models share: the dataset they read and the ``cpu_kernels`` switch.
 
     Attributes:
-      dataset: the dataset (a name in ``lenet_jax.data.DATASETS``) whose images the model reads:
-        it fixes the input channels and the normalization, so preprocessing, the zB bounds of LRP
-        and the black baselines follow the model.
+      dataset: a name in ``lenet_jax.data.DATASETS``; fixes the input channels and normalization.
+      cpu_kernels: compute with ``lenet_jax.cpu_kernels`` (training on CPU); same function.
     """
 
     dataset: str = "mnist"
+    cpu_kernels: bool = False
 
     def __post_init__(self):
         get_dataset(self.dataset)  # a clear error for an unknown name
         super().__post_init__()
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """The layer sequence, input to output (``lenet_jax.layers`` descriptions)."""
-        raise NotImplementedError
 
     @property
     def image_size(self) -> int:
@@ -80,29 +51,27 @@ class SequentialModel(nn.Module):
         """uint8 images of ``dataset`` -> the normalized ``[B, *input_shape]`` model input."""
         return preprocess(images, self.dataset, self.image_size)
 
-    def kernel_init(self):
-        """The kernel initializer of the conv and dense layers (LeCun normal by default)."""
-        return nn.initializers.lecun_normal()
+    # The layer functions, reference or CPU form.
+    def conv(self, features, kernel_size, *, name, padding="VALID", kernel_init):
+        fn = cpu_kernels.conv_general_dilated if self.cpu_kernels else lax.conv_general_dilated
+        return nn.Conv(
+            features,
+            kernel_size,
+            padding=padding,
+            kernel_init=kernel_init,
+            conv_general_dilated=fn,
+            name=name,
+        )
 
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        """Maps ``[B, H, W, C]`` inputs to ``[B, num_classes]`` logits.
+    def tanh(self, x):
+        return cpu_kernels.tanh(x) if self.cpu_kernels else nn.tanh(x)
 
-        Args:
-          x: normalized NHWC inputs.
-          train: enables dropout (needs a ``"dropout"`` PRNG key in ``apply``).
-        """
-        for layer in self.layers:
-            if layer.has_params:
-                x = ParamLayer(layer, self.kernel_init(), name=layer.name)(x)
-            elif isinstance(layer, Dropout):
-                x = nn.Dropout(layer.rate, deterministic=not train, name=layer.name)(x)
-            else:
-                x = layer.apply(None, x)
-        return x
+    def avg_pool(self, x, window):
+        pool = cpu_kernels.avg_pool if self.cpu_kernels else nn.avg_pool
+        return pool(x, (window, window), strides=(window, window))
 
 
-class LeNet5(SequentialModel):
+class LeNet5(ImageClassifier):
     """LeNet-5 (LeCun et al., 1998) on 32x32 inputs: 61,706 parameters on one channel.
 
     conv1 6@5x5 -> tanh -> avg-pool 2 -> conv2 16@5x5 -> tanh -> avg-pool 2 -> flatten ->
@@ -120,6 +89,8 @@ class LeNet5(SequentialModel):
     num_classes: int = 10
 
     def __post_init__(self):
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"unknown activation {self.activation!r}; choose 'tanh' or 'relu'")
         if self.pool not in ("avg", "max"):
             raise ValueError(f"unknown pool {self.pool!r}; choose 'avg' or 'max'")
         super().__post_init__()
@@ -129,28 +100,18 @@ class LeNet5(SequentialModel):
         """32: MNIST's 28x28 digits are padded to LeNet-5's 32x32."""
         return 32
 
-    def kernel_init(self):
-        """Xavier (Glorot) uniform, suited to tanh."""
-        return nn.initializers.xavier_uniform()
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """conv1, act1, pool1, conv2, act2, pool2, flatten, fc1, act3, fc2, act4, fc3."""
-        act, pool = self.activation, AvgPool if self.pool == "avg" else MaxPool
-        return (
-            Conv("conv1", 6, (5, 5)),
-            Activation("act1", act),
-            pool("pool1", 2),
-            Conv("conv2", 16, (5, 5)),
-            Activation("act2", act),
-            pool("pool2", 2),
-            Flatten("flatten"),
-            Dense("fc1", 120),
-            Activation("act3", act),
-            Dense("fc2", 84),
-            Activation("act4", act),
-            Dense("fc3", self.num_classes),
-        )
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        """``[B, 32, 32, C]`` normalized images -> ``[B, num_classes]`` logits."""
+        init = nn.initializers.xavier_uniform()
+        act = self.tanh if self.activation == "tanh" else nn.relu
+        pool = self.avg_pool if self.pool == "avg" else _max_pool
+        x = pool(act(self.conv(6, (5, 5), kernel_init=init, name="conv1")(x)), 2)
+        x = pool(act(self.conv(16, (5, 5), kernel_init=init, name="conv2")(x)), 2)
+        x = x.reshape((x.shape[0], -1))
+        x = act(nn.Dense(120, kernel_init=init, name="fc1")(x))
+        x = act(nn.Dense(84, kernel_init=init, name="fc2")(x))
+        return nn.Dense(self.num_classes, kernel_init=init, name="fc3")(x)
 
 
 class LeNet5ReLU(LeNet5):
@@ -160,9 +121,13 @@ class LeNet5ReLU(LeNet5):
     pool: str = "max"
 
 
-class CNN(SequentialModel):
-    """The seed-001 CNN: two conv + max-pool blocks and two dense layers, ReLU (225,034 parameters
-    on MNIST's native 28x28).
+def _max_pool(x, window):
+    return nn.max_pool(x, (window, window), strides=(window, window))
+
+
+class CNN(ImageClassifier):
+    """A small ReLU CNN, as in flax's MNIST example: two conv + max-pool blocks and two dense layers
+    (225,034 parameters on MNIST's native 28x28).
 
     conv1 32@3x3 -> ReLU -> max-pool 2 -> conv2 64@3x3 -> ReLU -> max-pool 2 -> flatten ->
     fc1 128 -> ReLU -> fc2 10. He (Kaiming) uniform kernels, suited to ReLU.
@@ -170,29 +135,20 @@ class CNN(SequentialModel):
 
     num_classes: int = 10
 
-    def kernel_init(self):
-        """He uniform, suited to ReLU."""
-        return nn.initializers.he_uniform()
-
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """conv1, act1, pool1, conv2, act2, pool2, flatten, fc1, act3, fc2."""
-        return (
-            Conv("conv1", 32, (3, 3)),
-            Activation("act1", "relu"),
-            MaxPool("pool1", 2),
-            Conv("conv2", 64, (3, 3)),
-            Activation("act2", "relu"),
-            MaxPool("pool2", 2),
-            Flatten("flatten"),
-            Dense("fc1", 128),
-            Activation("act3", "relu"),
-            Dense("fc2", self.num_classes),
-        )
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        """``[B, H, W, C]`` normalized images -> ``[B, num_classes]`` logits."""
+        init = nn.initializers.he_uniform()
+        x = _max_pool(nn.relu(self.conv(32, (3, 3), kernel_init=init, name="conv1")(x)), 2)
+        x = _max_pool(nn.relu(self.conv(64, (3, 3), kernel_init=init, name="conv2")(x)), 2)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(128, kernel_init=init, name="fc1")(x))
+        return nn.Dense(self.num_classes, kernel_init=init, name="fc2")(x)
 
 
-class MiniVGG(SequentialModel):
-    """MiniVGG from seed 004 on 32x32 inputs (2,355,338 parameters on CIFAR-10's three channels).
+class MiniVGG(ImageClassifier):
+    """MiniVGG on 32x32 inputs (2,355,338 parameters on three channels): two VGG blocks and a
+    dense head.
 
     conv1 32@3x3 -> conv2 64@3x3 -> max-pool 2 -> dropout 0.35 -> conv3 128@3x3 -> conv4 128@3x3 ->
     max-pool 2 -> dropout 0.45 -> flatten -> fc1 256 -> dropout 0.5 -> fc2 64 -> fc3 10; ReLU after
@@ -202,42 +158,31 @@ class MiniVGG(SequentialModel):
     dataset: str = "cifar10"
     num_classes: int = 10
 
-    def kernel_init(self):
-        """He uniform, suited to ReLU."""
-        return nn.initializers.he_uniform()
-
     @property
     def image_size(self) -> int:
         """32 (CIFAR-10's size; MNIST-like 28x28 images are padded)."""
         return 32
 
-    @property
-    def layers(self) -> tuple[Layer, ...]:
-        """Four 3x3 convs in two blocks, then three dense layers."""
-        return (
-            Conv("conv1", 32, (3, 3), "SAME"),
-            Activation("act1", "relu"),
-            Conv("conv2", 64, (3, 3), "SAME"),
-            Activation("act2", "relu"),
-            MaxPool("pool1", 2),
-            Dropout("drop1", 0.35),
-            Conv("conv3", 128, (3, 3), "SAME"),
-            Activation("act3", "relu"),
-            Conv("conv4", 128, (3, 3), "SAME"),
-            Activation("act4", "relu"),
-            MaxPool("pool2", 2),
-            Dropout("drop2", 0.45),
-            Flatten("flatten"),
-            Dense("fc1", 256),
-            Activation("act5", "relu"),
-            Dropout("drop3", 0.5),
-            Dense("fc2", 64),
-            Activation("act6", "relu"),
-            Dense("fc3", self.num_classes),
-        )
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        """``[B, 32, 32, C]`` normalized images -> ``[B, num_classes]`` logits."""
+        init = nn.initializers.he_uniform()
+
+        def conv(features, name):
+            return self.conv(features, (3, 3), padding="SAME", kernel_init=init, name=name)
+
+        for block, (a, b, rate) in enumerate([(32, 64, 0.35), (128, 128, 0.45)]):
+            x = nn.relu(conv(a, f"conv{2 * block + 1}")(x))
+            x = nn.relu(conv(b, f"conv{2 * block + 2}")(x))
+            x = nn.Dropout(rate, deterministic=not train, name=f"drop{block + 1}")(_max_pool(x, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(256, kernel_init=init, name="fc1")(x))
+        x = nn.Dropout(0.5, deterministic=not train, name="drop3")(x)
+        x = nn.relu(nn.Dense(64, kernel_init=init, name="fc2")(x))
+        return nn.Dense(self.num_classes, kernel_init=init, name="fc3")(x)
 
 
-MODELS: dict[str, type[SequentialModel]] = {
+MODELS: dict[str, type[ImageClassifier]] = {
     "lenet5": LeNet5,
     "lenet5_relu": LeNet5ReLU,
     "cnn": CNN,
@@ -245,20 +190,23 @@ MODELS: dict[str, type[SequentialModel]] = {
 }
 
 
-def model_config(model: SequentialModel) -> dict[str, Any]:
-    """The JSON-able description of ``model``: its registry name and its attributes."""
+def model_config(model: ImageClassifier) -> dict[str, Any]:
+    """The JSON-able description of ``model``: its registry name and its attributes.
+
+    ``cpu_kernels`` is left out: it changes how the model computes, not what.
+    """
     names = {cls: name for name, cls in MODELS.items()}
     if type(model) not in names:
         raise ValueError(f"{type(model).__name__} is not in the model registry {sorted(MODELS)}")
     fields = {
         f.name: getattr(model, f.name)
         for f in dataclasses.fields(model)
-        if f.name not in ("parent", "name")
+        if f.name not in ("parent", "name", "cpu_kernels")
     }
     return {"name": names[type(model)], **fields}
 
 
-def build_model(config: dict[str, Any]) -> SequentialModel:
+def build_model(config: dict[str, Any]) -> ImageClassifier:
     """Builds a model from ``model_config`` output."""
     config = dict(config)
     name = config.pop("name", None)
@@ -273,7 +221,7 @@ def describe(config: dict[str, Any]) -> str:
     return f"{config.get('name')}({args})"
 
 
-def init_params(model: SequentialModel, key: jax.Array):
+def init_params(model: ImageClassifier, key: jax.Array):
     """The ``"params"`` collection of a freshly initialized ``model``."""
     return model.init(key, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
 
@@ -281,3 +229,17 @@ def init_params(model: SequentialModel, key: jax.Array):
 def count_params(params) -> int:
     """Total number of scalars in a parameter tree."""
     return sum(p.size for p in jax.tree_util.tree_leaves(params))
+
+
+def dataset_options(model: ImageClassifier) -> dict[str, float]:
+    """What the explainers need to know of ``model``'s dataset: ``low``/``high``, the normalized
+    black and white pixel (the zᴮ rule's bounds), and ``baseline``, the black pixel (for
+    Integrated Gradients and occlusion)."""
+    black, white = normalized_range(model.dataset)
+    return {"low": black, "high": white, "baseline": black}
+
+
+def explained(model: ImageClassifier, params):
+    """The function the explainers take: ``x -> logits`` of ``model`` in evaluation mode, in its
+    reference form (``functools.partial(model.apply, variables)``, so layers keep their names)."""
+    return functools.partial(model.clone(cpu_kernels=False).apply, {"params": params})

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax import checkpoint, explain, parallel
+from lenet_jax import checkpoint, explain, models, parallel
 from lenet_jax.data import get_dataset, load_dataset, to_pixels
-from lenet_jax.explain._common import black_like, target_logit
+from lenet_jax.explain.common import target_logit
 from lenet_jax.image_files import read_images
 from lenet_jax.io import atomic_savez
 from lenet_jax.train import predict
@@ -41,10 +41,30 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
     return np.sort(np.concatenate([right, wrong]))
 
 
-def explain_method(name: str, model, params, x, **options):
+def attribution_fn(name: str, model, **options):
+    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model.
+
+    The model's dataset fills the options the method takes and ``options`` leaves unset
+    (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
+    and occlusion).
+    """
+    accepted = explain.method_options(name)
+    dataset = models.dataset_options(model)
+    opts = {**options}
+    for key, value in dataset.items():
+        if key in accepted and opts.get(key) is None:
+            opts[key] = value
+
+    def fn(params, x, target=None):
+        return explain.attribute(name, models.explained(model, params), x, target, **opts)
+
+    return fn
+
+
+def explain_method(name: str, model, params, x, target=None, **options):
     """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit,
     with the batch split over every device when there are several (``lenet_jax.parallel``)."""
-    fn = jax.jit(functools.partial(explain.attribute, name, model, **options))
+    fn = jax.jit(functools.partial(attribution_fn(name, model, **options), target=target))
     out = parallel.sharded_call(fn, parallel.default_mesh(), params, x)
     return out if out.ndim == 3 else out.sum(-1)
 
@@ -254,9 +274,14 @@ def _feature_map_figure(model, params, x, target, layer, pixels, title, lrp_opti
     from lenet_jax import plot
 
     rule_options = {k: v for k, v in lrp_options.items() if k != "batch_size"}  # one image
-    rels = jax.jit(functools.partial(explain.lrp_layerwise, model, target=target, **rule_options))(
-        params, x[:1]
-    )
+    for key in ("low", "high"):
+        if rule_options.get(key) is None:
+            rule_options[key] = models.dataset_options(model)[key]
+    rels = jax.jit(
+        lambda p, v: explain.lrp_layerwise(
+            models.explained(model, p), v, target=target, **rule_options
+        )
+    )(params, x[:1])
     maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
     if layer not in maps:
         raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
@@ -336,7 +361,7 @@ def evaluate_run(
         model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
     )
     x = model.preprocess(images[:n])
-    target = jnp.argmax(model.apply({"params": params}, x), axis=1).astype(jnp.int32)
+    target = jnp.argmax(models.explained(model, params)(x), axis=1).astype(jnp.int32)
     mesh = parallel.default_mesh()
     if mesh is not None:  # every jitted call below follows its inputs: batch split, params copied
         if n % mesh.size or n_randomization % mesh.size:
@@ -363,11 +388,7 @@ def evaluate_run(
     bar = tqdm(entries.items(), desc="evaluating", disable=not progress)
     for label, (name, options) in bar:
         bar.set_postfix_str(label)
-        fn = jax.jit(
-            lambda p, v, t, name=name, options=options: explain.attribute(
-                name, model, p, v, t, **options
-            )
-        )
+        fn = jax.jit(attribution_fn(name, model, **options))
         compiled = fn.lower(params, x, target).compile()
         t0 = time.perf_counter()
         attr = jax.block_until_ready(compiled(params, x, target))
@@ -386,8 +407,9 @@ def evaluate_run(
             conservation = float(evaluate.conservation_error(model, params, x, target, attr).mean())
         elif name == "integrated_gradients":
             # completeness of the attribution already computed: f(x) − f(x0) − Σ IG
-            f = target_logit(model, params, target)
-            delta = f(x) - f(black_like(model, x))
+            f = target_logit(models.explained(model, params), target)
+            black = jnp.asarray(models.dataset_options(model)["baseline"], x.dtype)
+            delta = f(x) - f(jnp.broadcast_to(black, x.shape))
             gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
             conservation = float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
         else:

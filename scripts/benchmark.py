@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 from lenet_jax import cli, explain  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
-from lenet_jax.explain._common import chunked_map, logits_of  # noqa: E402
+from lenet_jax.explain.common import chunked_map  # noqa: E402
 from lenet_jax.io import write_report  # noqa: E402
-from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
-from lenet_jax.report import EVAL_OPTIONS  # noqa: E402
+from lenet_jax.report import EVAL_OPTIONS, attribution_fn  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     TrainConfig,
     create_train_state,
@@ -258,7 +258,7 @@ def devices_child(repeats, n_images):
     model = LeNet5()
     params = init_params(model, jax.random.key(0))
     x = np.asarray(preprocess(jnp.asarray(test_x[:n_images])))
-    lrp = jax.jit(functools.partial(explain.lrp, model, composite="epsilon_plus_flat"))
+    lrp = jax.jit(attribution_fn("lrp", model, composite="epsilon_plus_flat"))
     rows = []
     for mesh in (None, parallel.data_mesh()):
         label = "1 device" if mesh is None else f"{mesh.size} simulated CPU devices"
@@ -288,7 +288,7 @@ def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
     rows = []
     for name in methods:
         reps = repeats if name in LIGHT else heavy_repeats
-        fn = jax.jit(functools.partial(explain.attribute, name, model, **EXPLAIN_OPTIONS[name]))
+        fn = jax.jit(attribution_fn(name, model, **EXPLAIN_OPTIONS[name]))
         row = timed_row(
             f"JAX {name}",
             lambda fn=fn: fn(params, x),
@@ -424,10 +424,10 @@ def bench_score_cam_forwards(model, params, x, repeats, chunk=256):
     Every mask needs its own pass through the nonlinear network, so no exact Score-CAM is faster
     than these passes: the rows bound the speed-up any Score-CAM can have over the loop.
     """
-    channels = layer_activations(model, params, x[:1])[0].shape[-1]
+    channels = layer_activations(explained(model, params), x[:1])[0].shape[-1]
     masked = jnp.repeat(x, channels, axis=0)  # content does not change the time
     n = masked.shape[0]
-    fwd = jax.jit(lambda p, a: chunked_map(lambda b: logits_of(model, p, b), a, chunk))
+    fwd = jax.jit(lambda p, a: chunked_map(explained(model, p), a, chunk))
     rows = [
         timed_row(
             f"JAX forward of Score-CAM's {n:,} masked inputs (chunks of {chunk})",
@@ -463,7 +463,7 @@ def bench_pytorch_grad_cam(model, params, x, repeats, images_per_call=1000):
     import torch
 
     twin, xt = torch_peer(model, params, x)
-    conv2 = twin[[layer.name for layer in model.layers].index("conv2")]
+    conv2 = twin.conv2
     cam = pytorch_grad_cam.ScoreCAM(model=twin, target_layers=[conv2])
 
     def run():

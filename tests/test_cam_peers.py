@@ -6,6 +6,7 @@ import pytest
 from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
+from lenet_jax.models import explained
 from lenet_jax.explain.cams import interpolation_matrix
 from lenet_jax.twins import to_nchw
 
@@ -19,8 +20,7 @@ def case(request):
     model, params, twin = lenet_and_twin(*request.param, seed=5)
     x = normalized_pixels(4, seed=8)
     target = np.array([1, 4, 6, 9])
-    conv2 = twin[[layer.name for layer in model.layers].index("conv2")]
-    return model, params, x, target, twin, conv2, torch.tensor(to_nchw(x))
+    return model, explained(model, params), x, target, twin, twin.conv2, torch.tensor(to_nchw(x))
 
 
 @pytest.fixture
@@ -49,33 +49,33 @@ def test_upsampling_equals_torch_interpolate(align_corners):
 
 def test_grad_cam_equals_captum_layer_grad_cam(case):
     captum_attr = require("captum.attr")
-    model, params, x, t, twin, conv2, xt = case
+    model, f, x, t, twin, conv2, xt = case
     low = captum_attr.LayerGradCam(twin, conv2).attribute(
         xt, target=torch.tensor(t), relu_attributions=True
     )
-    assert_close(explain.grad_cam(model, params, x, t, upsample=False), low[:, 0].detach(), 1e-9)
+    assert_close(explain.grad_cam(f, x, t, upsample=False), low[:, 0].detach(), 1e-9)
     up = captum_attr.LayerAttribution.interpolate(low, (32, 32), "bilinear")
-    assert_close(explain.grad_cam(model, params, x, t), up[:, 0].detach(), 1e-9)
+    assert_close(explain.grad_cam(f, x, t), up[:, 0].detach(), 1e-9)
 
 
 def test_grad_cam_equals_pytorch_grad_cam(case, raw_maps):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model, params, x, t, twin, conv2, xt = case
+    model, f, x, t, twin, conv2, xt = case
     cam = raw_maps.GradCAM(model=twin, target_layers=[conv2])
     theirs = cam(input_tensor=xt, targets=[ClassifierOutputTarget(int(c)) for c in t])
-    assert_close(explain.grad_cam(model, params, x, t, upsample=False), theirs, 1e-9)
+    assert_close(explain.grad_cam(f, x, t, upsample=False), theirs, 1e-9)
 
 
 def test_score_cam_equals_pytorch_grad_cam(case, raw_maps):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model, params, x, t, twin, conv2, xt = case
+    model, f, x, t, twin, conv2, xt = case
     cam = raw_maps.ScoreCAM(model=twin, target_layers=[conv2])
     theirs = cam(input_tensor=xt, targets=[ClassifierOutputTarget(int(c)) for c in t])
-    ours = explain.score_cam(model, params, x, t, upsample=False, align_corners=True)
+    ours = explain.score_cam(f, x, t, upsample=False, align_corners=True)
     # pytorch-grad-cam collects the channel scores as float32 (torch.Tensor of Python floats)
     assert_close(ours, theirs, 1e-6)
     # half-pixel masks (the default) give a visibly different map
-    default = explain.score_cam(model, params, x, t, upsample=False)
+    default = explain.score_cam(f, x, t, upsample=False)
     assert np.abs(np.asarray(default) - theirs).max() > 1e-4 * np.abs(theirs).max()

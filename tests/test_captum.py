@@ -7,6 +7,7 @@ import pytest
 from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
+from lenet_jax.models import explained
 from lenet_jax.data import normalized_range
 from lenet_jax.twins import to_nchw, to_nhwc
 
@@ -23,7 +24,7 @@ def case(request):
     target = jnp.array([0, 3, 5, 7, 9])
     return (
         model,
-        params,
+        explained(model, params),
         x,
         target,
         twin,
@@ -38,23 +39,23 @@ def close(ours, theirs_nchw):
 
 
 def test_saliency_and_gradient_x_input_equal_captum(case):
-    model, params, x, t, twin, xt, tt = case
+    model, f, x, t, twin, xt, tt = case
     close(
-        explain.saliency(model, params, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt)
+        explain.saliency(f, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt)
     )
     close(
-        explain.saliency(model, params, x, t, absolute=False),
+        explain.saliency(f, x, t, absolute=False),
         captum_attr.Saliency(twin).attribute(xt, target=tt, abs=False),
     )
     close(
-        explain.gradient_x_input(model, params, x, t),
+        explain.gradient_x_input(f, x, t),
         captum_attr.InputXGradient(twin).attribute(xt, target=tt),
     )
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
 def test_integrated_gradients_equal_captum(case, method):
-    model, params, x, t, twin, xt, tt = case
+    model, f, x, t, twin, xt, tt = case
     base = normalized_range()[0]  # black, the default of both
     base_t = base
     if model.activation == "relu" and method != "gausslegendre":
@@ -66,7 +67,7 @@ def test_integrated_gradients_equal_captum(case, method):
         base = normalized_pixels(5, seed=4)
         base_t = torch.tensor(to_nchw(base))
     ours = explain.integrated_gradients(
-        model, params, x, t, n_steps=32, method=method, baseline=base
+        f, x, t, n_steps=32, method=method, baseline=base
     )
     theirs = captum_attr.IntegratedGradients(twin).attribute(
         xt, baselines=base_t, target=tt, n_steps=32, method=method
@@ -79,9 +80,9 @@ def test_integrated_gradients_equal_captum(case, method):
 
 
 def test_occlusion_equals_captum(case):
-    model, params, x, t, twin, xt, tt = case
+    model, f, x, t, twin, xt, tt = case
     base = normalized_range()[0]
-    ours = explain.occlusion(model, params, x, t, window=4, stride=2)
+    ours = explain.occlusion(f, x, t, window=4, stride=2, baseline=base)
     theirs = captum_attr.Occlusion(twin).attribute(
         xt, sliding_window_shapes=(1, 4, 4), strides=(1, 2, 2), baselines=base, target=tt
     )
@@ -93,7 +94,7 @@ def test_occlusion_equals_captum(case):
     [("smoothgrad", "smoothgrad"), ("squared", "smoothgrad_sq"), ("vargrad", "vargrad")],
 )
 def test_smoothgrad_equals_captum_noise_tunnel(case, variant, nt_type, monkeypatch):
-    model, params, x, t, twin, xt, tt = case
+    model, f, x, t, twin, xt, tt = case
     kw = dict(n_samples=6, noise_level=0.2, key=jax.random.key(5))
     noisy = explain.smoothgrad_noise(x, **kw)  # [B, n, H, W, C]
     # captum draws its own noise; hand it ours (its copies are image-major, as ours)
@@ -105,4 +106,4 @@ def test_smoothgrad_equals_captum_noise_tunnel(case, variant, nt_type, monkeypat
     theirs = noise_tunnel(captum_attr.Saliency(twin)).attribute(
         xt, nt_type=nt_type, nt_samples=6, stdevs=1.0, target=tt, abs=False
     )
-    close(explain.smoothgrad(model, params, x, t, variant=variant, **kw), theirs)
+    close(explain.smoothgrad(f, x, t, variant=variant, **kw), theirs)

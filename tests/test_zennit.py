@@ -8,7 +8,7 @@ from conftest import random_params, require
 
 from lenet_jax.data import DATASETS, normalized_range
 from lenet_jax.explain import COMPOSITES, lrp
-from lenet_jax.models import CNN, LeNet5, MiniVGG
+from lenet_jax.models import CNN, LeNet5, MiniVGG, dataset_options, explained
 from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
 
 torch = require("torch")
@@ -33,6 +33,11 @@ def zennit_composite(name, x_nchw):
     return ZENNIT_COMPOSITES[name]()
 
 
+def our_lrp(model, params, x, target, composite):
+    bounds = {k: v for k, v in dataset_options(model).items() if k in ("low", "high")}
+    return np.asarray(lrp(explained(model, params), x, target, composite=composite, **bounds))
+
+
 def zennit_lrp(model, params, x, target, composite):
     twin = torch_twin(model, params)
     xt = torch.tensor(to_nchw(x)).requires_grad_(True)
@@ -54,7 +59,7 @@ def test_lrp_equals_zennit(composite, seed, variant):
     x = jnp.asarray((pixels - 0.1307) / 0.3081)
     logits = model.apply({"params": params}, x)
     for target in (jnp.argmax(logits, 1), jnp.array([0, 1, 2, 3, 4, 9])):
-        ours = np.asarray(lrp(model, params, x, target, composite=composite))
+        ours = our_lrp(model, params, x, target, composite)
         ref = zennit_lrp(model, params, np.asarray(x), target, composite)
         assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), composite
         assert np.abs(ref).max() > 0
@@ -81,14 +86,14 @@ def color_bounds(x_nchw):
 @pytest.mark.peers
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon"])
 def test_lrp_on_minivgg_equals_zennit(composite):
-    """Seed 004's model and composite: SAME-padded convs, max pooling, dropout, three channels."""
+    """MiniVGG: SAME-padded convs, max pooling, dropout, three channels."""
     model = MiniVGG()
     params = random_params(model, seed=3, bias_scale=0.01)
     pixels = np.random.default_rng(3).uniform(0, 1, (4, 32, 32, 3))
     cifar = DATASETS["cifar10"]
     x = jnp.asarray((pixels - np.array(cifar.mean)) / np.array(cifar.std))
     target = jnp.array([0, 3, 5, 9])
-    ours = np.asarray(lrp(model, params, x, target, composite=composite))
+    ours = our_lrp(model, params, x, target, composite)
     twin = torch_twin(model, params)
     xt = torch.tensor(to_nchw(np.asarray(x))).requires_grad_(True)
     logits = twin(xt).detach()
@@ -106,12 +111,12 @@ def test_lrp_on_minivgg_equals_zennit(composite):
 
 
 @pytest.mark.peers
-def test_lrp_on_the_seed_001_cnn_equals_zennit():
+def test_lrp_on_the_small_relu_cnn_equals_zennit():
     model = CNN()
     params = random_params(model, seed=4, bias_scale=0.01)
     pixels = np.random.default_rng(4).uniform(0, 1, (5, 28, 28, 1))
     x = jnp.asarray((pixels - 0.1307) / 0.3081)
     target = jnp.argmax(model.apply({"params": params}, x), 1)
-    ours = np.asarray(lrp(model, params, x, target, composite="epsilon_plus_flat"))
+    ours = our_lrp(model, params, x, target, "epsilon_plus_flat")
     ref = zennit_lrp(model, params, np.asarray(x), target, "epsilon_plus_flat")
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()

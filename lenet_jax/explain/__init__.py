@@ -1,9 +1,12 @@
 """Explanations of model decisions: LRP, gradient methods, occlusion and class activation maps.
 
-Every method has the signature ``method(model, params, x, target=None, **options)`` with ``x`` the
-normalized NHWC batch ``[B, H, W, C]`` and ``target`` ``None`` (the predicted class), an int, or an
-int array ``[B]``. Pixel methods return ``x.shape``; CAMs return ``[B, H, W]``. All are pure
-functions: ``jax.jit`` them with the non-array options closed over.
+Every method has the signature ``method(f, x, target=None, **options)``: ``f`` is the model, a function
+from a batch ``x`` (NHWC float for images) to logits ``[B, K]`` — ``functools.partial(module.apply,
+variables)`` for a Linen module, an ``nnx.Module`` in evaluation mode, or any JAX function closing
+over its parameters — and ``target`` is ``None`` (the predicted class), an int, or an int array
+``[B]``. Pixel methods return ``x.shape``; CAMs return ``[B, H, W]``. All are pure functions of
+``x``: ``jax.jit`` and ``jax.vmap`` compose with them, e.g.
+``jax.jit(lambda v, x: lrp(partial(model.apply, v), x))``.
 """
 
 import inspect
@@ -18,18 +21,18 @@ from lenet_jax.explain.gradients import (
     smoothgrad_noise,
 )
 from lenet_jax.explain.lrp import (
-    BASE_RULES,
     COMPOSITES,
+    Composite,
     composite_rules,
     conservation,
+    layer_names,
     lrp,
     lrp_layerwise,
     make_rule,
-    propagate,
 )
 from lenet_jax.explain.rules import RULES
 
-# name -> method; every entry takes (model, params, x, target=None, **options).
+# name -> method; every entry takes (f, x, target=None, **options).
 METHODS = {
     "lrp": lrp,
     "saliency": saliency,
@@ -52,7 +55,7 @@ def method_options(name: str) -> dict:
     return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}
 
 
-def attribute(name: str, model, params, x, target=None, **options):
+def attribute(name: str, f, x, target=None, **options):
     """Runs the method ``name`` of ``METHODS``.
 
     Raises:
@@ -60,13 +63,13 @@ def attribute(name: str, model, params, x, target=None, **options):
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](model, params, x, target, **options)
+    return METHODS[name](f, x, target, **options)
 
 
 __all__ = [
-    "BASE_RULES",
     "CAM_METHODS",
     "COMPOSITES",
+    "Composite",
     "METHODS",
     "RULES",
     "attribute",
@@ -76,12 +79,12 @@ __all__ = [
     "gradient_x_input",
     "integrated_gradients",
     "layer_activations",
+    "layer_names",
     "lrp",
     "lrp_layerwise",
     "make_rule",
     "method_options",
     "occlusion",
-    "propagate",
     "saliency",
     "score_cam",
     "smoothgrad",

@@ -1,8 +1,9 @@
 """Class activation maps on a named conv layer: Grad-CAM and Score-CAM.
 
-Both return ``[B, H, W]`` maps upsampled bilinearly to the input (``upsample=False`` gives the layer's
-resolution). The layer's *output* is used (for a conv layer: before its activation), as
-pytorch-grad-cam does with a conv module as target layer.
+Both take ``(f, x, target=None, *, layer=None, ...)`` like every method and return ``[B, H, W]`` maps
+upsampled bilinearly to the input (``upsample=False`` gives the layer's resolution). ``layer`` names
+a layer as LRP does (a module path; default the last convolution); its *output* is used (for a
+convolution: before its activation), as pytorch-grad-cam does with a conv module as target layer.
 """
 
 from __future__ import annotations
@@ -11,35 +12,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax.explain._common import check_input, chunked_map, logits_of, resolve_target
-from lenet_jax.layers import Layer
+from lenet_jax.explain import engine
+from lenet_jax.explain.common import chunked_map, prepare
+from lenet_jax.explain.graph import evaluate, trace
 
 
-def _split(layers: tuple[Layer, ...], name: str | None):
-    """``(index, layer)`` of the named layer (default: the last conv)."""
-    convs = [i for i, layer in enumerate(layers) if layer.kind == "conv"]
-    if name is None:
+def _layer_value(plan: engine.Plan, layer: str | None) -> int:
+    """Id of the named layer's output (default: the last convolution's)."""
+    convs = [n.name for n in plan.linear if n.kind == "conv"]
+    if layer is None:
         if not convs:
-            raise ValueError("the model has no conv layer for a CAM")
-        return convs[-1]
-    names = [layer.name for layer in layers]
-    if name not in names or layers[names.index(name)].kind != "conv":
-        raise ValueError(f"unknown conv layer {name!r}; choose one of {[names[i] for i in convs]}")
-    return names.index(name)
+            raise ValueError("the model has no convolution for a CAM; name a layer with layer=")
+        layer = convs[-1]
+    if layer not in plan.layers:
+        raise ValueError(f"unknown layer {layer!r}; the convolutions are {convs}")
+    i = plan.layers[layer]
+    if len(plan.graph.shapes[i].shape) != 4:
+        raise ValueError(f"layer {layer!r} is not a feature map [B, h, w, K]; choose one of {convs}")
+    return i
 
 
-def _run(layers, params, x, start, stop):
-    for layer in layers[start:stop]:
-        x = layer.apply(params[layer.name] if layer.has_params else None, x)
-    return x
+def layer_activations(f, x, layer: str | None = None):
+    """``(A, head)``: the named layer's output ``[B, h, w, K]`` and ``A -> logits``.
 
+    ``head`` recomputes the model from ``x`` with the layer's output replaced by its argument, so
+    paths that bypass the layer (a residual skip) still see ``x``.
 
-def layer_activations(model, params, x, layer: str | None = None):
-    """``(A, head)``: the named layer's output ``[B, h, w, K]`` and ``A -> logits``."""
-    layers = model.layers
-    i = _split(layers, layer)
-    acts = _run(layers, params, x, 0, i + 1)
-    return acts, lambda a: _run(layers, params, a, i + 1, len(layers))
+    Args:
+      f: the model (``x -> logits``), as for every method.
+      x: the input batch.
+      layer: a layer name (a module path; default: the last convolution). For a convolution the
+        output is the convolution's, before any activation or BatchNorm module after it, as
+        pytorch-grad-cam's target layer.
+    """
+    graph = trace(f, x)
+    i = _layer_value(engine.plan(graph), layer)
+    acts = evaluate(graph, x)[i]
+    return acts, lambda a: evaluate(graph, x, {i: a})[graph.output]
 
 
 def interpolation_matrix(n_in: int, n_out: int, align_corners: bool = False) -> np.ndarray:
@@ -78,8 +87,7 @@ def _normalize(cam_BHW):
 
 
 def grad_cam(
-    model,
-    params,
+    f,
     x,
     target=None,
     *,
@@ -98,9 +106,8 @@ def grad_cam(
     Returns:
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
-    check_input(model, x)
-    t = resolve_target(target, logits_of(model, params, x))
-    acts, head = layer_activations(model, params, x, layer)
+    t = prepare(f, x, target)
+    acts, head = layer_activations(f, x, layer)
     score = lambda a: jnp.sum(jnp.take_along_axis(head(a), t[:, None], 1))  # noqa: E731
     grads = jax.grad(score)(acts)
     alpha = grads.mean(axis=(1, 2))  # [B, K]
@@ -111,8 +118,7 @@ def grad_cam(
 
 
 def score_cam(
-    model,
-    params,
+    f,
     x,
     target=None,
     *,
@@ -146,22 +152,20 @@ def score_cam(
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
 
-    check_input(model, x)
-    t = resolve_target(target, logits_of(model, params, x))
-    index = _split(model.layers, layer)
+    t = prepare(f, x, target)
     hw = x.shape[1:3]
 
     def one_image(args):
         xi, ti = args
-        acts = _run(model.layers, params, xi[None], 0, index + 1)[0]  # [h, w, K]
+        acts = layer_activations(f, xi[None], layer)[0][0]  # [h, w, K]
         up = _upsample(acts[None], hw, align_corners)[0]  # [H, W, K]
         lo, hi = up.min(axis=(0, 1), keepdims=True), up.max(axis=(0, 1), keepdims=True)
         span = hi - lo
         masks = jnp.where(span > 0, (up - lo) / jnp.where(span > 0, span, 1.0), 0.0)
         masked = xi[None] * jnp.moveaxis(masks, -1, 0)[..., None]  # [K, H, W, C]
-        logits = logits_of(model, params, masked)
+        logits = f(masked)
         if baseline_subtract:
-            base = jax.nn.softmax(logits_of(model, params, jnp.zeros_like(xi)[None]))[0, ti]
+            base = jax.nn.softmax(f(jnp.zeros_like(xi)[None]))[0, ti]
             weights = jax.nn.softmax(logits)[:, ti] - base
         else:
             weights = jax.nn.softmax(logits[:, ti])

@@ -1,7 +1,8 @@
 """Gradient-based attributions and occlusion, batched with ``vmap`` and jit-friendly.
 
-All take ``(model, params, x, target=None, **options)`` with ``x`` the normalized NHWC batch and
-return an array of ``x.shape``. The explained score is the target class's logit.
+All take ``(f, x, target=None, **options)``, with ``f`` the model (``x [B, ...] -> logits [B, K]``)
+and ``x`` its input batch, and return an array of ``x.shape``. The explained score is the target
+class's logit.
 """
 
 from __future__ import annotations
@@ -10,29 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax.data import normalized_range
-from lenet_jax.explain._common import (
-    black_like,
-    check_input,
-    chunked_map,
-    logits_of,
-    resolve_target,
-    target_logit,
-)
+from lenet_jax.explain.common import chunked_map, prepare, target_logit
 
 
-def _grad_of_target(model, params, x, target_B):
-    """``d logit[target] / dx`` for every sample, ``[B, H, W, C]``."""
-    f = target_logit(model, params, target_B)
-    return jax.grad(lambda v: jnp.sum(f(v)))(x)
+def _grad_of_target(f, x, target_B):
+    """``d logit[target] / dx`` for every sample, ``x.shape``."""
+    score = target_logit(f, target_B)
+    return jax.grad(lambda v: jnp.sum(score(v)))(x)
 
 
-def _prepare(model, params, x, target):
-    check_input(model, x)
-    return resolve_target(target, logits_of(model, params, x))
-
-
-def saliency(model, params, x, target=None, *, absolute: bool = True):
+def saliency(f, x, target=None, *, absolute: bool = True):
     """Gradient of the target logit w.r.t. the input (Simonyan et al., 2014).
 
     Args:
@@ -41,20 +29,19 @@ def saliency(model, params, x, target=None, *, absolute: bool = True):
     Returns:
       ``[B, H, W, C]``.
     """
-    t = _prepare(model, params, x, target)
-    g = _grad_of_target(model, params, x, t)
+    t = prepare(f, x, target)
+    g = _grad_of_target(f, x, t)
     return jnp.abs(g) if absolute else g
 
 
-def gradient_x_input(model, params, x, target=None):
+def gradient_x_input(f, x, target=None):
     """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``."""
-    t = _prepare(model, params, x, target)
-    return x * _grad_of_target(model, params, x, t)
+    t = prepare(f, x, target)
+    return x * _grad_of_target(f, x, t)
 
 
 def smoothgrad(
-    model,
-    params,
+    f,
     x,
     target=None,
     *,
@@ -87,13 +74,13 @@ def smoothgrad(
             f"unknown SmoothGrad variant {variant!r}; choose smoothgrad, squared or vargrad"
         )
     _check_noise(n_samples, noise_level)
-    t = _prepare(model, params, x, target)
+    t = prepare(f, x, target)
     keys = _image_keys(key, x.shape[0])
 
     def chunk(args):
         xc, tc, kc = args  # [b, H, W, C], [b], [b] keys
         noisy = _noisy_copies(xc, kc, n_samples, noise_level)  # [b, n, H, W, C]
-        grads = _flat_grad(model, params, noisy, tc)
+        grads = _flat_grad(f, noisy, tc)
         uniform = np.full(n_samples, 1.0 / n_samples)
         if variant == "smoothgrad":
             return _weighted_sum(uniform, grads)
@@ -153,17 +140,15 @@ def _weighted_sum(weights_N, xs_BN, unroll_max: int = 256):
     return total
 
 
-def _flat_grad(model, params, xs_BN, target_B):
-    """Gradients of the target logits for ``[B, N, H, W, C]`` inputs, in one ``[B*N]`` batch."""
+def _flat_grad(f, xs_BN, target_B):
+    """Gradients of the target logits for ``[B, N, ...]`` inputs, in one ``[B*N]`` batch."""
     b, n = xs_BN.shape[:2]
-    f = target_logit(model, params, jnp.repeat(target_B, n))
     flat = xs_BN.reshape(b * n, *xs_BN.shape[2:])
-    return jax.grad(lambda v: jnp.sum(f(v)))(flat).reshape(xs_BN.shape)
+    return _grad_of_target(f, flat, jnp.repeat(target_B, n)).reshape(xs_BN.shape)
 
 
 def integrated_gradients(
-    model,
-    params,
+    f,
     x,
     target=None,
     *,
@@ -176,8 +161,9 @@ def integrated_gradients(
     """Integrated Gradients (Sundararajan et al., 2017) along the straight path from a baseline.
 
     Args:
-      baseline: scalar or array broadcastable to ``x``; default the normalized value of a black
-        pixel (the zero of *pixel* space, ``-MEAN/STD``), not the zero of normalized space.
+      baseline: scalar or array broadcastable to ``x``; default 0, as captum's. For normalized
+        images the black image is usually meant: ``lenet_jax.models.dataset_options(model)`` gives
+        it for the package's models (``-MEAN/STD`` for MNIST).
       n_steps: points of the quadrature.
       method: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``, ``"riemann_trapezoid"``
         or ``"gausslegendre"`` — the point sets of captum's ``IntegratedGradients``. The weights
@@ -189,25 +175,23 @@ def integrated_gradients(
     Returns:
       ``[B, H, W, C]`` attributions, or ``(attributions, gap [B])`` with ``return_gap``.
     """
-    t = _prepare(model, params, x, target)
-    if baseline is None:
-        x0 = black_like(model, x)
-    else:
-        x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
+    t = prepare(f, x, target)
+    x0 = jnp.broadcast_to(jnp.asarray(0.0 if baseline is None else baseline, x.dtype), x.shape)
     alphas, weights = _quadrature(method, n_steps)
     alphas = jnp.asarray(alphas, x.dtype)
 
     def chunk(args):
         xc, x0c, tc = args
-        paths = x0c[:, None] + alphas.reshape(1, -1, 1, 1, 1) * (xc - x0c)[:, None]
-        grads = _flat_grad(model, params, paths, tc)  # [b, n_steps, H, W, C]
+        a = alphas.reshape((1, -1) + (1,) * (xc.ndim - 1))
+        paths = x0c[:, None] + a * (xc - x0c)[:, None]
+        grads = _flat_grad(f, paths, tc)  # [b, n_steps, ...]
         return (xc - x0c) * _weighted_sum(weights, grads)
 
     ig = chunked_map(chunk, (x, x0, t), batch_size)
     if not return_gap:
         return ig
-    f = target_logit(model, params, t)
-    gap = f(x) - f(x0) - ig.reshape(ig.shape[0], -1).sum(1)
+    score = target_logit(f, t)
+    gap = score(x) - score(x0) - ig.reshape(ig.shape[0], -1).sum(1)
     return ig, gap
 
 
@@ -234,8 +218,7 @@ def _quadrature(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def occlusion(
-    model,
-    params,
+    f,
     x,
     target=None,
     *,
@@ -253,17 +236,19 @@ def occlusion(
     Args:
       window: side of the square window.
       stride: step between windows.
-      baseline: value put in the window; default the normalized black pixel.
+      baseline: value put in the window: a scalar or one value per channel; default 0 (captum's).
       batch_size: images per chunk (``lax.map``).
 
     Returns:
       ``[B, H, W, C]`` (the same value in every channel of a pixel).
     """
-    t = _prepare(model, params, x, target)
+    t = prepare(f, x, target)
+    if x.ndim != 4:
+        raise ValueError(f"occlusion needs NHWC images [B, H, W, C], got shape {tuple(x.shape)}")
     h, w = x.shape[1:3]
     if not 1 <= window <= min(h, w) or stride < 1:
         raise ValueError(f"need 1 <= window <= {min(h, w)} and stride >= 1, got {window}, {stride}")
-    base = normalized_range(model.dataset)[0] if baseline is None else baseline
+    base = 0.0 if baseline is None else baseline
     base = jnp.broadcast_to(jnp.asarray(base, x.dtype), x.shape[-1:]).reshape(1, 1, 1, 1, -1)
     rows = np.arange(0, h - window + 1, stride)
     cols = np.arange(0, w - window + 1, stride)
@@ -278,8 +263,8 @@ def occlusion(
         occluded = xc[:, None] * (1 - masks[None]) + base * masks[None]
         both = jnp.concatenate([xc[:, None], occluded], axis=1)
         m = both.shape[1]
-        f = target_logit(model, params, jnp.repeat(tc, m))
-        scores = f(both.reshape(-1, *xc.shape[1:])).reshape(-1, m)
+        score = target_logit(f, jnp.repeat(tc, m))
+        scores = score(both.reshape(-1, *xc.shape[1:])).reshape(-1, m)
         drops = scores[:, :1] - scores[:, 1:]  # [b, M]
         heat = jnp.tensordot(drops, masks[..., 0], axes=1) / coverage[None, ..., 0]  # [b, H, W]
         return jnp.broadcast_to(heat[..., None], xc.shape)

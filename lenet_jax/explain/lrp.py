@@ -1,48 +1,63 @@
-"""Layer-wise Relevance Propagation as a pure function over stored activations.
+"""Layer-wise Relevance Propagation of any JAX model, with zennit's rules and composites.
 
-``forward`` keeps every layer's input; ``propagate`` walks the layers backward and applies one rule
-per layer (``lenet_jax.explain.rules``). Composites are data: for each named composite, which rule the
-first parametrized layer, the other convolutions and the dense layers get; layers without parameters
-follow ``BASE_RULES`` (activations pass, average pooling uses Norm, max pooling and flatten the
-gradient), as in zennit's built-in composites.
+``lrp(f, x)`` traces ``f`` to a graph of primitives (``graph.trace``), groups it into layers
+(``engine.plan``: a convolution or matmul with its bias and BatchNorm merged, pooling, sums,
+activations, reshapes), evaluates it once and walks it backward with one rule per layer
+(``engine.walk``, rules in ``lenet_jax.explain.rules``). Composites are data: which rule the
+convolutions, the dense layers and the first layer get; layers without parameters follow zennit's
+``layer_map_base`` (activations pass, average pooling and sums use Norm, max pooling and reshapes the
+gradient).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from lenet_jax.data import normalized_range
+from lenet_jax.explain import engine
 from lenet_jax.explain import rules as R
-from lenet_jax.explain._common import check_input, chunked_map, resolve_target
-from lenet_jax.layers import Layer, forward
+from lenet_jax.explain.common import check_batch, chunked_map, resolve_target
+from lenet_jax.explain.graph import evaluate, trace
 
-# composite name -> rule name for {"first": first conv/dense layer, "conv": ..., "dense": ...}.
-COMPOSITES: dict[str, dict[str, str]] = {
-    "epsilon": {"first": "epsilon", "conv": "epsilon", "dense": "epsilon"},
-    "epsilon_plus": {"first": "zplus", "conv": "zplus", "dense": "epsilon"},
-    "epsilon_plus_flat": {"first": "flat", "conv": "zplus", "dense": "epsilon"},
-    "epsilon_alpha2_beta1": {"first": "alpha2_beta1", "conv": "alpha2_beta1", "dense": "epsilon"},
-    "epsilon_alpha2_beta1_flat": {"first": "flat", "conv": "alpha2_beta1", "dense": "epsilon"},
-    "epsilon_gamma_box": {"first": "zbox", "conv": "gamma", "dense": "epsilon"},
-}
-# The first layer of a composite is its first conv/dense layer; zennit's epsilon_plus_flat does the
-# same, its epsilon_gamma_box looks only at convolutions (the first layer of every model here).
-# A dense first layer under "conv" rules (a fully connected model) follows the "first"/"dense" keys.
 
-BASE_RULES: dict[str, str] = {
-    "activation": "pass",
-    "dropout": "pass",
-    "avg_pool": "norm",
-    "max_pool": "gradient",
-    "flatten": "gradient",
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """A rule per kind of linear layer, and optionally another for the first one.
+
+    Attributes:
+      conv: rule name of the convolutions (``conv_general_dilated``).
+      dense: rule name of the dense layers (``dot_general``).
+      first: rule name of the first layer among ``first_kinds``, or ``None``.
+      first_kinds: which kinds count as "first": zennit's ``*_flat`` composites take the first
+        linear layer of either kind, ``EpsilonGammaBox`` the first convolution only.
+    """
+
+    conv: str
+    dense: str
+    first: str | None = None
+    first_kinds: tuple[str, ...] = ("conv", "dense")
+
+
+# zennit 0.5.1's built-in LRP composites, name for name (``zennit.composites``).
+COMPOSITES: dict[str, Composite] = {
+    "epsilon": Composite("epsilon", "epsilon"),
+    "epsilon_plus": Composite("zplus", "epsilon"),
+    "epsilon_plus_flat": Composite("zplus", "epsilon", "flat"),
+    "epsilon_alpha2_beta1": Composite("alpha2_beta1", "epsilon"),
+    "epsilon_alpha2_beta1_flat": Composite("alpha2_beta1", "epsilon", "flat"),
+    "epsilon_gamma_box": Composite("gamma", "epsilon", "zbox", ("conv",)),
 }
 
 
 def make_rule(name: str, *, epsilon=1e-6, gamma=0.25, low=None, high=None, stabilizer=1e-6):
-    """A rule instance from its name (one of ``lenet_jax.explain.rules.RULES``)."""
+    """A rule instance from its name (one of ``lenet_jax.explain.rules.RULES``).
+
+    Raises:
+      ValueError: an unknown name, or ``"zbox"`` without its bounds ``low`` and ``high``.
+    """
     if name not in R.RULES:
         raise ValueError(f"unknown LRP rule {name!r}; choose one of {sorted(R.RULES)}")
     if name == "epsilon":
@@ -50,31 +65,27 @@ def make_rule(name: str, *, epsilon=1e-6, gamma=0.25, low=None, high=None, stabi
     if name == "gamma":
         return R.Gamma(gamma, stabilizer)
     if name == "zbox":
-        lo, hi = normalized_range()
-        return R.ZBox(lo if low is None else low, hi if high is None else high, stabilizer)
+        if low is None or high is None:
+            raise ValueError("the zB rule needs the input bounds: pass low= and high=")
+        return R.ZBox(low, high, stabilizer)
     if name in ("pass", "gradient"):
         return R.RULES[name]()
     return R.RULES[name](stabilizer=stabilizer)
 
 
-def composite_rules(
-    layers: Sequence[Layer],
-    composite: str | Mapping = "epsilon_plus_flat",
-    **hyper,
-) -> tuple:
-    """One rule per layer.
+def composite_rules(plan: engine.Plan, composite: str | Mapping = "epsilon_plus_flat", **hyper):
+    """The rule of every linear layer of ``plan``, by layer name.
 
     Args:
-      layers: the model's layer sequence.
+      plan: from ``engine.plan``.
       composite: a name in ``COMPOSITES``, or a mapping layer name -> rule (a rule name or a rule
-        instance). A mapping must name every conv/dense layer; other layers default to
-        ``BASE_RULES``.
+        instance) that names every linear layer (``layer_names`` lists them).
       **hyper: ``epsilon``, ``gamma``, ``low``, ``high``, ``stabilizer`` for rules made from names.
 
     Returns:
-      A tuple of rules, aligned with ``layers``.
+      Dict layer name -> rule, in forward order.
     """
-    names = [layer.name for layer in layers]
+    names = [node.name for node in plan.linear]
 
     def as_rule(rule):
         return make_rule(rule, **hyper) if isinstance(rule, str) else rule
@@ -83,58 +94,37 @@ def composite_rules(
         unknown = sorted(set(composite) - set(names))
         if unknown:
             raise ValueError(f"composite names unknown layers {unknown}; the layers are {names}")
-        missing = [
-            layer.name for layer in layers if layer.has_params and layer.name not in composite
-        ]
+        missing = [name for name in names if name not in composite]
         if missing:
             raise ValueError(f"composite gives no rule for the layers {missing}")
-        return tuple(
-            as_rule(composite[layer.name])
-            if layer.name in composite
-            else as_rule(BASE_RULES[layer.kind])
-            for layer in layers
-        )
+        return {name: as_rule(composite[name]) for name in names}
     if composite not in COMPOSITES:
         raise ValueError(f"unknown composite {composite!r}; choose one of {sorted(COMPOSITES)}")
     table = COMPOSITES[composite]
-    first = next((i for i, layer in enumerate(layers) if layer.has_params), None)
-    out = []
-    for i, layer in enumerate(layers):
-        if i == first:
-            out.append(as_rule(table["first"]))
-        elif layer.has_params:
-            out.append(as_rule(table[layer.kind]))
-        else:
-            out.append(as_rule(BASE_RULES[layer.kind]))
-    return tuple(out)
+    first = next((n.name for n in plan.linear if n.kind in table.first_kinds), None)
+    return {
+        n.name: as_rule(table.first if table.first and n.name == first else getattr(table, n.kind))
+        for n in plan.linear
+    }
 
 
-def propagate(layers: Sequence[Layer], rules: Sequence, params, inputs, relevance_out):
-    """Walks the layers backward, applying ``rules[i]`` to layer ``i``.
+def _rule_of(linear_rules: Mapping, stabilizer: float) -> Callable:
+    base = {"norm": R.Norm(stabilizer), "gradient": R.Gradient()}
+    return lambda node: linear_rules[node.name] if node.is_linear else base[node.kind]
 
-    Args:
-      layers: the layer sequence.
-      rules: one rule per layer.
-      params: the model's ``"params"`` collection.
-      inputs: each layer's stored input (``lenet_jax.layers.forward``).
-      relevance_out: relevance at the model output, ``[B, K]``.
 
-    Returns:
-      Dict: ``"input"`` -> relevance at the model input, and each layer name -> the relevance at
-      that layer's output.
+def layer_names(f: Callable, x) -> list[str]:
+    """The names of ``f``'s linear layers in forward order (what a composite mapping names).
+
+    A Linen module's layers are named by module path (``"conv2"``, ``"block1/conv_a"``), an NNX
+    module's by attribute path, an unnamed layer of a plain function by kind and position
+    (``"dense_0"``); ``jax.named_scope("fc1")`` around a plain function's layer names it.
     """
-    relevances = {}
-    rel = relevance_out
-    for layer, rule, x in zip(reversed(layers), reversed(rules), reversed(inputs), strict=True):
-        relevances[layer.name] = rel
-        rel = rule(layer, params[layer.name] if layer.has_params else None, x, rel)
-    relevances["input"] = rel
-    return relevances
+    return [node.name for node in engine.plan(trace(f, x)).linear]
 
 
 def lrp_layerwise(
-    model,
-    params,
+    f: Callable,
     x,
     target=None,
     *,
@@ -145,31 +135,36 @@ def lrp_layerwise(
     high=None,
     stabilizer: float = 1e-6,
 ):
-    """LRP relevance at every layer.
+    """LRP relevance at the input and at the output of every layer.
 
     Same arguments as ``lrp``.
 
     Returns:
-      Dict: ``"input"`` -> ``[B, H, W, C]`` input relevance; each layer name -> relevance at that
-      layer's output (e.g. ``"conv2"`` -> ``[B, 10, 10, 16]``: the relevance of each feature map);
-      the last layer's entry is the seed ``one_hot(target) * logit``.
+      Dict: ``"input"`` -> ``x.shape`` input relevance; each layer name (every module path of a
+      Linen or NNX model, at every nesting level, and every linear layer) -> the relevance at that
+      layer's output, e.g. ``"conv2"`` -> ``[B, 10, 10, 16]`` for LeNet-5: the relevance of each
+      feature map. A convolution followed by BatchNorm is one layer for LRP (the BatchNorm merged
+      into it, as zennit's canonizer does), so both names carry the relevance after the BatchNorm.
+      The output layer's entry is the seed ``one_hot(target) * logit``.
     """
-    check_input(model, x)
-    layers = model.layers
-    black, white = normalized_range(model.dataset)
-    low, high = black if low is None else low, white if high is None else high
+    check_batch(x)
+    graph = trace(f, x)
+    plan = engine.plan(graph)
     rules = composite_rules(
-        layers, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
+        plan, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
     )
-    logits, inputs = forward(layers, params, x)
+    env = evaluate(graph, x)
+    logits = env[graph.output]
     t = resolve_target(target, logits)
     seed = jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits
-    return propagate(layers, rules, params, inputs, seed)
+    rel = engine.walk(plan, env, seed, _rule_of(rules, stabilizer))
+    out = {name: engine.relevance_at(plan, rel, i) for name, i in plan.layers.items()}
+    out["input"] = engine.relevance_at(plan, rel, graph.input)
+    return out
 
 
 def lrp(
-    model,
-    params,
+    f: Callable,
     x,
     target=None,
     *,
@@ -183,43 +178,51 @@ def lrp(
 ):
     """Layer-wise Relevance Propagation (Bach et al., 2015) with zennit's rules and composites.
 
-    Pure and traceable: wrap it in ``jax.jit`` (with the non-array arguments closed over) or
-    ``jax.vmap`` freely.
+    ``f`` is traced to its primitive operations, which are grouped into layers and walked backward
+    with one rule per layer (the operation -> rule table: ``lenet_jax.explain.engine``,
+    ``docs/lrp_rules.md``). Whatever in ``f`` does not depend on ``x`` is a parameter. An
+    operation the walk has no rule for is a ``ValueError`` naming it and its layer, never a
+    silently wrong map. Pure and traceable: ``jax.jit`` and ``jax.vmap`` compose with it, e.g.
+    ``jax.jit(lambda v, x: lrp(partial(model.apply, v), x))``.
 
     Args:
-      model: a ``lenet_jax.models.SequentialModel`` (its ``layers`` are walked backward).
-      params: the ``"params"`` collection of ``model.init``.
-      x: normalized NHWC batch ``[B, H, W, C]``.
-      target: ``None`` (predicted class), an int, or an int array ``[B]``.
-      composite: a name in ``COMPOSITES`` or a mapping layer name -> rule.
-      epsilon: ε of the epsilon rule (dense layers in every built-in composite).
+      f: the model, ``x [B, ...] -> logits [B, K]``: ``functools.partial(module.apply,
+        variables)`` for a Linen module (evaluation mode; ``variables`` may hold
+        ``batch_stats``), an ``nnx.Module`` in evaluation mode, or a JAX function.
+      x: input batch, e.g. NHWC ``[B, H, W, C]``.
+      target: ``None`` (the predicted class), an int, or an int array ``[B]``.
+      composite: a name in ``COMPOSITES`` (zennit's: ``epsilon_plus_flat`` puts Flat on the first
+        linear layer of either kind, z⁺ on convolutions and ε on dense layers;
+        ``epsilon_gamma_box`` puts zᴮ on the first *convolution* only, γ on the other
+        convolutions), or a mapping layer name -> rule naming every linear layer.
+      epsilon: ε of the epsilon rule.
       gamma: γ of the gamma rule.
-      low, high: input bounds of the zB rule, scalars or ``[H, W, C]``; default the normalized
-        values of a black and a white pixel of the model's dataset.
-      stabilizer: the denominator stabilizer of the other rules.
+      low, high: bounds of the input for the zᴮ rule (``epsilon_gamma_box``), scalars or arrays
+        broadcastable to one input, e.g. the normalized black and white pixel; required by zᴮ.
+      stabilizer: the denominator stabilizer of the other rules (and of Norm).
       batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
 
     Returns:
-      Relevance ``[B, H, W, C]``. The output relevance is ``one_hot(target) * logit``, so with
+      Relevance of ``x.shape``. The output relevance is ``one_hot(target) * logit``, so with
       ε → 0 and zero biases the relevance of each sample sums to its target logit.
-    """
 
+    Under ``jax.jit`` a target outside ``[0, K)`` cannot be checked; it seeds no relevance and the
+    map is all zeros.
+    """
     kwargs = dict(
         composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
     )
-    if not batch_size:
-        return lrp_layerwise(model, params, x, target, **kwargs)["input"]
-    check_input(model, x)
+    check_batch(x)
+    if not batch_size or batch_size >= x.shape[0]:
+        return lrp_layerwise(f, x, target, **kwargs)["input"]
     if target is None:  # each chunk finds its own predicted classes
-        return chunked_map(
-            lambda xb: lrp_layerwise(model, params, xb, None, **kwargs)["input"], x, batch_size
-        )
-    t = resolve_target(target, jnp.zeros((x.shape[0], model.layers[-1].features)))
+        return chunked_map(lambda xb: lrp_layerwise(f, xb, None, **kwargs)["input"], x, batch_size)
+    t = resolve_target(target, jax.eval_shape(f, x))
     return chunked_map(
-        lambda a: lrp_layerwise(model, params, a[0], a[1], **kwargs)["input"], (x, t), batch_size
+        lambda a: lrp_layerwise(f, a[0], a[1], **kwargs)["input"], (x, t), batch_size
     )
 
 
 def conservation(relevances: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-sample relevance sums ``[B]`` at every layer of ``lrp_layerwise``'s output."""
+    """Per-sample relevance sums ``[B]`` at every entry of ``lrp_layerwise``'s output."""
     return {name: jnp.sum(r.reshape(r.shape[0], -1), axis=1) for name, r in relevances.items()}

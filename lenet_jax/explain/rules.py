@@ -1,13 +1,16 @@
 """LRP rules: small pure functions ``rule(layer, params, x, relevance_out) -> relevance_in``.
 
+A rule acts on a layer given as ``layer.apply(params, x)`` (``lenet_jax.explain.engine.Layer``): for a
+linear layer ``params`` is its merged ``{"kernel", "bias"}``, which a rule may modify (``W⁺``, ``1``,
+``W²``) before calling ``apply``.
+
 Each rule follows zennit's definition (``zennit.rules``): modify the inputs and the parameters,
 evaluate the layer, divide the output relevance by the stabilized output, ``s = R / stabilize(z)``,
 take the layer's vector-Jacobian product with ``s`` (``jax.vjp``), and multiply by the modified input.
 Here ``W+``/``W-`` and ``x+``/``x-`` are the positive/negative parts of weights and inputs, and
 ``(W, b)`` a layer's kernel and bias.
 
-Rules are frozen dataclasses (hashable, so they can be static arguments of ``jax.jit``); their
-fields are the rule's hyperparameters.
+Rules are frozen dataclasses; their fields are the rule's hyperparameters.
 """
 
 from __future__ import annotations
@@ -170,13 +173,16 @@ class Flat:
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """zennit's Norm rule (used for average pooling): ``R_in = x ⊙ Jᵀ(R / stab(f(x)))``."""
+    """zennit's Norm rule (average pooling, means, residual sums): ``R_in = x ⊙ Jᵀ(R / stab(f(x)))``.
+
+    ``x`` may be a tuple of inputs (the two operands of a sum); the result is then a tuple.
+    """
 
     stabilizer: float = 1e-6
 
     def __call__(self, layer, params, x, relevance):
         z, back = _vjp(layer, params, x)
-        return x * back(relevance / stabilize(z, self.stabilizer))
+        return jax.tree.map(jnp.multiply, x, back(relevance / stabilize(z, self.stabilizer)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +195,10 @@ class Pass:
 
 @dataclasses.dataclass(frozen=True)
 class Gradient:
-    """Plain vector-Jacobian product: max-pool (winner takes all) and reshapes (flatten)."""
+    """Plain vector-Jacobian product: max-pool (winner takes all) and reshapes (flatten).
+
+    ``x`` may be a tuple of inputs (a concatenation); the result is then a tuple.
+    """
 
     def __call__(self, layer, params, x, relevance):
         return _vjp(layer, params, x)[1](relevance)
@@ -211,5 +220,3 @@ RULES = {
     "gradient": Gradient,
 }
 
-# Which rules act on layers with parameters (conv, dense) and which on the rest.
-PARAM_RULES = (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, WSquare, Flat)

@@ -1,31 +1,21 @@
-"""Argument checks and target handling shared by every attribution method."""
+"""What every attribution method shares: argument checks, targets, the explained score, chunking."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax.data import normalized_range
-from lenet_jax.layers import forward
 
-
-def check_input(model, x) -> None:
-    """Raises ``ValueError`` unless ``x`` is a float ``[B, *model.input_shape]`` batch."""
-    expected = tuple(model.input_shape)
-    if getattr(x, "ndim", None) != 4 or tuple(x.shape[1:]) != expected:
+def check_batch(x) -> None:
+    """Raises ``ValueError`` unless ``x`` is a float array with a batch axis."""
+    if getattr(x, "ndim", 0) < 2:
         shape = getattr(x, "shape", type(x).__name__)
-        raise ValueError(
-            f"expected a normalized NHWC batch of shape [B, {', '.join(map(str, expected))}], "
-            f"got {shape}"
-        )
+        raise ValueError(f"expected a batch of inputs [B, ...] (e.g. NHWC images), got {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"expected a float input (normalized pixels), got dtype {x.dtype}")
-
-
-def logits_of(model, params, x):
-    """``[B, K]`` logits of the model in evaluation mode."""
-    return forward(model.layers, params, x)[0]
 
 
 def resolve_target(target, logits_BK):
@@ -33,7 +23,8 @@ def resolve_target(target, logits_BK):
 
     Args:
       target: ``None`` (the predicted class), an int, or an int array ``[B]``.
-      logits_BK: the model's logits, for ``None`` and the range check.
+      logits_BK: the model's logits, for ``None`` and the range check (only their shape is read
+        when ``target`` is given: a ``jax.ShapeDtypeStruct`` will do).
 
     Raises:
       ValueError: a target outside ``[0, K)`` or of the wrong length (checked when concrete).
@@ -56,19 +47,22 @@ def resolve_target(target, logits_BK):
     return t.astype(jnp.int32)
 
 
-def target_logit(model, params, target_B):
-    """``x -> [B]`` the logit of each sample's target class (for gradients)."""
+def prepare(f: Callable, x, target):
+    """Checks ``x`` and returns its ``[B]`` targets (``None`` -> ``f``'s predicted classes)."""
+    check_batch(x)
+    logits = f(x) if target is None else jax.eval_shape(f, x)
+    if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
+    return resolve_target(target, logits)
 
-    def f(x):
-        logits = logits_of(model, params, x)
-        return jnp.take_along_axis(logits, target_B[:, None], axis=1)[:, 0]
 
-    return f
+def target_logit(f: Callable, target_B) -> Callable:
+    """``x -> [B]`` the logit of each sample's target class (what the gradient methods explain)."""
 
+    def score(x):
+        return jnp.take_along_axis(f(x), target_B[:, None], axis=1)[:, 0]
 
-def black_like(model, x):
-    """The black image of the model's dataset, normalized: ``x.shape`` and ``x.dtype``."""
-    return jnp.broadcast_to(jnp.asarray(normalized_range(model.dataset)[0], x.dtype), x.shape)
+    return score
 
 
 def chunked_map(fn, xs, chunk_size: int | None):
