@@ -103,7 +103,9 @@ def trace(f: Callable, x) -> Graph:
       ValueError: ``f`` does not return a single array.
     """
     with _nnx_scopes(f) as nnx_paths:
-        closed = jax.make_jaxpr(f)(x)
+        # a new function each time: a trace cached by an earlier jit or eval_shape of ``f`` would
+        # lack the NNX scopes
+        closed = jax.make_jaxpr(lambda v: f(v))(x)
     if len(closed.jaxpr.invars) != 1 or len(closed.jaxpr.outvars) != 1:
         raise ValueError("the model must map one array to one array of logits [B, K]")
     builder = _Builder(_root_name(f), nnx_paths)
