@@ -8,7 +8,6 @@ The PyTorch/zennit peers run when the ``peers`` extra is installed, on the same 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.metadata
 import statistics
 import sys

@@ -6,8 +6,8 @@ import pytest
 from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
-from lenet_jax.models import explained
 from lenet_jax.explain.cams import interpolation_matrix
+from lenet_jax.models import explained
 from lenet_jax.twins import to_nchw
 
 torch = require("torch")

@@ -7,8 +7,8 @@ import pytest
 from conftest import lenet_and_twin, normalized_pixels, require
 
 from lenet_jax import explain
-from lenet_jax.models import explained
 from lenet_jax.data import normalized_range
+from lenet_jax.models import explained
 from lenet_jax.twins import to_nchw, to_nhwc
 
 torch = require("torch")
@@ -40,9 +40,7 @@ def close(ours, theirs_nchw):
 
 def test_saliency_and_gradient_x_input_equal_captum(case):
     model, f, x, t, twin, xt, tt = case
-    close(
-        explain.saliency(f, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt)
-    )
+    close(explain.saliency(f, x, t), captum_attr.Saliency(twin).attribute(xt, target=tt))
     close(
         explain.saliency(f, x, t, absolute=False),
         captum_attr.Saliency(twin).attribute(xt, target=tt, abs=False),
@@ -66,9 +64,7 @@ def test_integrated_gradients_equal_captum(case, method):
         # A non-constant baseline checks the same quadrature away from that point.
         base = normalized_pixels(5, seed=4)
         base_t = torch.tensor(to_nchw(base))
-    ours = explain.integrated_gradients(
-        f, x, t, n_steps=32, method=method, baseline=base
-    )
+    ours = explain.integrated_gradients(f, x, t, n_steps=32, method=method, baseline=base)
     theirs = captum_attr.IntegratedGradients(twin).attribute(
         xt, baselines=base_t, target=tt, n_steps=32, method=method
     )

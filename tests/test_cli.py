@@ -12,10 +12,10 @@ import pytest
 from conftest import require
 
 from lenet_jax import explain
+from lenet_jax.models import explained
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
 from lenet_jax.image_files import read_images
-from lenet_jax.models import LeNet5
 from lenet_jax.report import evaluate_run, explain_run, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
     np.testing.assert_array_equal(saved["indices"], [5, 3])
     np.testing.assert_array_equal(saved["labels"], labels[[5, 3]])
     np.testing.assert_array_equal(saved["target"], [2, 2])
-    direct = explain.lrp(model, params, model.preprocess(images[[5, 3]]), 2)
+    direct = explain.lrp(explained(model, params), model.preprocess(images[[5, 3]]), 2)
     np.testing.assert_allclose(
         saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
     )
@@ -182,7 +182,7 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
     np.testing.assert_array_equal(saved["pred"], np.argmax(model.apply({"params": params}, x), -1))
     np.testing.assert_allclose(
         saved["attribution"],
-        np.asarray(explain.saliency(model, params, x)).sum(-1),
+        np.asarray(explain.saliency(explained(model, params), x)).sum(-1),
         rtol=1e-5,
         atol=1e-7,  # float32 rounding of the tiny gradients, jitted vs not
     )
@@ -201,7 +201,9 @@ def test_explain_options_reach_the_method(tiny_run, tmp_path):
     np.testing.assert_allclose(
         saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
     )
-    default = explain.occlusion(model, params, model.preprocess(images[saved["indices"]]))
+    default = explain.occlusion(
+        explained(model, params), model.preprocess(images[saved["indices"]])
+    )
     assert not np.allclose(saved["attribution"], np.asarray(default).sum(-1), atol=1e-3)
 
 
@@ -249,88 +251,6 @@ def test_evaluate_rejects_unknown_methods(tiny_run):
     r = run_script("evaluate.py", "--run", tiny_run, "--methods", "saliency,lime")
     assert r.returncode == 1
     assert r.stderr.strip().startswith("evaluate.py: error: unknown method or composite 'lime'")
-
-
-@pytest.mark.slow
-def test_profile_step_takes_the_step_apart(tmp_path):
-    r = run_script("profile_step.py", "--repeats", 2, "--no-peers", "--out", tmp_path / "p")
-    assert r.returncode == 0, r.stderr
-    out = json.loads((tmp_path / "p.json").read_text())
-    assert sorted(out["layers"]) == sorted(layer.name for layer in LeNet5().layers)
-    assert all(t["forward"] > 0 and t["backward"] > 0 for t in out["layers"].values())
-    step = out["step"]
-    assert len(step) == 5 and all(v > 0 for v in step.values())
-    assert "| conv1 |" in (tmp_path / "p.md").read_text()
-    # the op-level trace names compiled ops of the step, each traced back to a layer or the optimizer
-    ops = out["ops"]
-    assert 1 <= len(ops) <= 20 and all(r["us_per_step"] > 0 for r in ops)
-    assert [r["us_per_step"] for r in ops] == sorted((r["us_per_step"] for r in ops), reverse=True)
-    assert any("conv2" in r["source"] for r in ops)
-    assert f"| {ops[0]['op']} |" in (tmp_path / "p.md").read_text()
-    # the step does at least a direct convolution's work: 3x the forward multiply-adds of LeNet-5
-    # (conv1 117,600, conv2 240,000, fc 58,920 per image) minus conv1's input gradient, at batch 64
-    roof = out["roofline"]
-    assert roof["step_mflop"] >= 2 * 64 * (3 * 416_520 - 117_600) / 1e6
-    assert roof["bound_ms"] == pytest.approx(roof["step_mflop"] / roof["matmul_gflops"])
-    assert "Roofline: XLA's cost analysis counts" in (tmp_path / "p.md").read_text()
-    # ablations: the step once unchanged and once per layer that has a stand-in, in layer order
-    abl = {r["replaced"]: r["step_ms"] for r in out["ablations"]}
-    assert list(abl) == ["none", "conv1", "act1", "pool1", "conv2", "act2", "pool2", "act3", "act4"]
-    assert all(ms > 0 for ms in abl.values())
-    saved = abl["none"] - abl["conv2"]
-    assert f"| conv2 | {abl['conv2']:.3f} | {saved:+.3f} |" in (tmp_path / "p.md").read_text()
-
-
-def _profile_step_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "profile_step", ROOT / "scripts" / "profile_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_profile_stand_ins_keep_shapes_and_params_and_drop_the_work():
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    from lenet_jax.models import init_params
-
-    ps = _profile_step_module()
-    params = init_params(LeNet5(), jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (2, 14, 14, 6), jnp.float32)
-    layer = LeNet5().layers[3]  # conv2
-    tap = ps.CentreTapConv(**{f: getattr(layer, f) for f in ("name", "features")})
-    p = params["conv2"]
-    centre_only = jnp.zeros_like(p["kernel"]).at[2, 2].set(p["kernel"][2, 2])
-    want = lax.conv_general_dilated(
-        x, centre_only, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    ) + p["bias"].reshape(1, 1, 1, -1)
-    np.testing.assert_allclose(tap.apply(p, x), want, rtol=1e-5, atol=1e-6)
-    # the other taps take no part: their gradient is exactly zero
-    g = jax.grad(lambda k: tap.apply({**p, "kernel": k}, x).sum())(p["kernel"])
-    assert np.count_nonzero(np.asarray(g)) == np.count_nonzero(np.asarray(g[2, 2])) == 6 * 16
-    np.testing.assert_array_equal(ps.CornerPool("pool").apply(None, x), x[:, ::2, ::2])
-    np.testing.assert_array_equal(ps.IdentityActivation("act").apply(None, x), x)
-    # an ablated LeNet-5 swaps exactly the named layer and keeps every parameter
-    ablated = ps.Ablated(replaced="conv2")
-    want = [type(layer).__name__ for layer in LeNet5().layers]
-    want[3] = "CentreTapConv"
-    assert [type(layer).__name__ for layer in ablated.layers] == want
-    same = jax.tree_util.tree_map(
-        lambda a, b: a.shape == b.shape and bool((a == b).all()),
-        params,
-        init_params(ablated, jax.random.key(0)),
-    )
-    assert jax.tree_util.tree_all(same)
-    with pytest.raises(ValueError, match="no layer 'conv9' in LeNet-5"):
-        _ = ps.Ablated(replaced="conv9").layers
-    with pytest.raises(ValueError, match=r"no stand-in for fc1 \(Dense\)"):
-        _ = ps.Ablated(replaced="fc1").layers
 
 
 @pytest.mark.slow
@@ -402,9 +322,9 @@ def test_explain_lrp_feature_maps_use_the_same_rule_options(tiny_run, tmp_path, 
     )
     model, params, _ = load_params(tiny_run)
     x = model.preprocess(load_mnist("test", progress=False)[0][[4]])
-    rels = explain.lrp_layerwise(model, params, x, epsilon=5.0)
+    rels = explain.lrp_layerwise(explained(model, params), x, epsilon=5.0)
     np.testing.assert_allclose(drawn[0], np.asarray(rels["conv2"][0]), rtol=1e-5, atol=1e-7)
-    default = explain.lrp_layerwise(model, params, x)["conv2"][0]
+    default = explain.lrp_layerwise(explained(model, params), x)["conv2"][0]
     assert not np.allclose(drawn[0], np.asarray(default), rtol=1e-3)
     assert written["layer_png"].read_bytes()[:8] == PNG
 

@@ -1,5 +1,6 @@
 """Metrics of explanations on models whose true relevance is known, and their exact properties."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,20 +9,19 @@ from scipy import stats
 
 from lenet_jax import evaluate, explain
 from lenet_jax.data import normalized_range
-from lenet_jax.layers import Dense, Flatten
-from lenet_jax.models import LeNet5, SequentialModel, init_params
+from lenet_jax.models import ImageClassifier, LeNet5, explained, init_params
 
 
-class Linear(SequentialModel):
+class Linear(ImageClassifier):
     """logits = W·vec(x) + b on 16x16 inputs: the relevance of pixel i is w_i (x_i − black)."""
 
     @property
     def input_shape(self):
         return (16, 16, 1)
 
-    @property
-    def layers(self):
-        return (Flatten("flatten"), Dense("fc", 3))
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(3, name="fc")(x.reshape((x.shape[0], -1)))
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_faithfulness_correlation_is_one_for_the_truth_and_small_for_noise(linea
 
 def test_randomizing_the_only_layer_decorrelates_saliency(linear):
     model, params, x, target, _ = linear
-    fn = lambda p, v, t: explain.saliency(model, p, v, t)  # noqa: E731
+    fn = lambda p, v, t: explain.saliency(explained(model, p), v, t)  # noqa: E731
     out = evaluate.randomization_cascade(model, params, x, target, fn)
     assert out["layers"] == ["fc"]
     assert out["similarity"].shape == (1, 6) and out["attributions"].shape == (2, 6, 16, 16)

@@ -10,7 +10,7 @@ from conftest import random_params
 from lenet_jax import explain
 from lenet_jax.data import normalized_range
 from lenet_jax.explain import cams, gradients
-from lenet_jax.models import LeNet5
+from lenet_jax.models import LeNet5, explained
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def logit(model, params, x, t):
 def test_saliency_equals_central_finite_differences(setup):
     model, params, x = setup
     t = jnp.array([1, 2, 3, 4])
-    g = np.asarray(explain.saliency(model, params, x, t, absolute=False))
+    g = np.asarray(explain.saliency(explained(model, params), x, t, absolute=False))
     rng = np.random.default_rng(0)
     h = 1e-6
     for _ in range(10):
@@ -34,7 +34,7 @@ def test_saliency_equals_central_finite_differences(setup):
         e = jnp.zeros_like(x).at[i, r, c, 0].set(h)
         fd = (logit(model, params, x + e, t) - logit(model, params, x - e, t))[i] / (2 * h)
         np.testing.assert_allclose(g[i, r, c, 0], fd, rtol=1e-6, atol=1e-9)
-    np.testing.assert_array_equal(explain.saliency(model, params, x, t), np.abs(g))
+    np.testing.assert_array_equal(explain.saliency(explained(model, params), x, t), np.abs(g))
 
 
 def test_gradient_x_input_equals_lrp_epsilon_on_a_relu_net_without_biases(setup):
@@ -44,15 +44,17 @@ def test_gradient_x_input_equals_lrp_epsilon_on_a_relu_net_without_biases(setup)
         for k, v in random_params(model, seed=4).items()
     }
     x = setup[2]
-    gxi = explain.gradient_x_input(model, params, x)
-    relevance = explain.lrp(model, params, x, composite="epsilon", epsilon=1e-12)
+    gxi = explain.gradient_x_input(explained(model, params), x)
+    relevance = explain.lrp(explained(model, params), x, composite="epsilon", epsilon=1e-12)
     np.testing.assert_allclose(relevance, gxi, rtol=1e-6, atol=1e-10)
 
 
 def test_smoothgrad_without_noise_is_the_gradient(setup):
     model, params, x = setup
-    sg = explain.smoothgrad(model, params, x, n_samples=1, noise_level=0.0)
-    np.testing.assert_allclose(sg, explain.saliency(model, params, x, absolute=False), rtol=1e-12)
+    sg = explain.smoothgrad(explained(model, params), x, n_samples=1, noise_level=0.0)
+    np.testing.assert_allclose(
+        sg, explain.saliency(explained(model, params), x, absolute=False), rtol=1e-12
+    )
 
 
 def test_smoothgrad_noise_has_the_asked_std_per_image(setup):
@@ -77,16 +79,16 @@ def test_smoothgrad_averages_the_gradients_at_its_noisy_inputs(setup):
     noisy = explain.smoothgrad_noise(x, **kw)
     grads = np.stack(
         [
-            explain.saliency(model, params, noisy[:, j], target, absolute=False)
+            explain.saliency(explained(model, params), noisy[:, j], target, absolute=False)
             for j in range(kw["n_samples"])
         ],
         axis=1,
     )
     np.testing.assert_allclose(
-        explain.smoothgrad(model, params, x, **kw), grads.mean(1), rtol=1e-10
+        explain.smoothgrad(explained(model, params), x, **kw), grads.mean(1), rtol=1e-10
     )
     np.testing.assert_allclose(
-        explain.smoothgrad(model, params, x, variant="vargrad", **kw),
+        explain.smoothgrad(explained(model, params), x, variant="vargrad", **kw),
         grads.var(1),
         rtol=1e-8,
         atol=1e-14,
@@ -96,16 +98,16 @@ def test_smoothgrad_averages_the_gradients_at_its_noisy_inputs(setup):
 def test_smoothgrad_variants_and_chunking_agree(setup):
     model, params, x = setup
     kw = dict(n_samples=8, noise_level=0.1, key=jax.random.key(7))
-    whole = explain.smoothgrad(model, params, x, **kw)
-    chunked = explain.smoothgrad(model, params, x, batch_size=3, **kw)
+    whole = explain.smoothgrad(explained(model, params), x, **kw)
+    chunked = explain.smoothgrad(explained(model, params), x, batch_size=3, **kw)
     np.testing.assert_allclose(chunked, whole, rtol=1e-10)
-    sq = explain.smoothgrad(model, params, x, variant="squared", **kw)
-    var = explain.smoothgrad(model, params, x, variant="vargrad", **kw)
+    sq = explain.smoothgrad(explained(model, params), x, variant="squared", **kw)
+    var = explain.smoothgrad(explained(model, params), x, variant="vargrad", **kw)
     np.testing.assert_allclose(var, sq - whole**2, rtol=1e-6, atol=1e-12)  # Var = E[g²] − E[g]²
     with pytest.raises(ValueError, match="unknown SmoothGrad variant"):
-        explain.smoothgrad(model, params, x, variant="smoothest")
+        explain.smoothgrad(explained(model, params), x, variant="smoothest")
     with pytest.raises(ValueError, match="noise_level must be >= 0, got -0.1"):
-        explain.smoothgrad(model, params, x, noise_level=-0.1)
+        explain.smoothgrad(explained(model, params), x, noise_level=-0.1)
 
 
 @pytest.mark.parametrize("unroll_max", [256, 3])  # unrolled multiply-adds, and the tensordot
@@ -123,7 +125,12 @@ def test_weighted_sum_over_the_sample_axis(unroll_max):
 def test_integrated_gradients_complete_within_one_percent(setup, method):
     model, params, x = setup
     ig, gap = explain.integrated_gradients(
-        model, params, x, n_steps=64, method=method, return_gap=True
+        explained(model, params),
+        x,
+        n_steps=64,
+        method=method,
+        return_gap=True,
+        baseline=normalized_range()[0],
     )
     x0 = jnp.full_like(x, normalized_range()[0])
     t = jnp.argmax(model.apply({"params": params}, x), 1)
@@ -133,7 +140,7 @@ def test_integrated_gradients_complete_within_one_percent(setup, method):
 
 
 def slow_grad_cam(model, params, x, t):
-    acts, head = explain.layer_activations(model, params, x[None])
+    acts, head = explain.layer_activations(explained(model, params), x[None])
     g = jax.grad(lambda a: head(a)[0, t])(acts)[0]
     a = np.asarray(acts[0])
     w = np.asarray(g).mean((0, 1))
@@ -146,22 +153,22 @@ def slow_grad_cam(model, params, x, t):
 def test_grad_cam_matches_the_papers_definition(setup):
     model, params, x = setup
     t = jnp.array([0, 5, 7, 2])
-    low = explain.grad_cam(model, params, x, t, upsample=False)
+    low = explain.grad_cam(explained(model, params), x, t, upsample=False)
     chex.assert_shape(low, (4, 10, 10))
     for i in range(4):
         np.testing.assert_allclose(
             low[i], slow_grad_cam(model, params, x[i], int(t[i])), rtol=1e-9, atol=1e-12
         )
-    up = explain.grad_cam(model, params, x, t, normalize=True)
+    up = explain.grad_cam(explained(model, params), x, t, normalize=True)
     chex.assert_shape(up, (4, 32, 32))
     assert float(up.min()) >= 0.0 and np.allclose(up.max((1, 2)), 1.0)
 
 
 def test_score_cam_matches_the_definition(setup):
     model, params, x = setup
-    cam = explain.score_cam(model, params, x, target=3, upsample=False)
+    cam = explain.score_cam(explained(model, params), x, target=3, upsample=False)
     for i in range(4):
-        acts, _ = explain.layer_activations(model, params, x[i : i + 1])
+        acts, _ = explain.layer_activations(explained(model, params), x[i : i + 1])
         a = np.asarray(acts[0])  # [10, 10, 16]
         scores = []
         for k in range(a.shape[-1]):
@@ -193,8 +200,9 @@ def test_cam_upsampling(n_in, n_out):
 
 def test_occlusion_matches_a_window_by_window_loop(setup):
     model, params, x = setup
-    ours = np.asarray(explain.occlusion(model, params, x[:1], target=2, window=8, stride=8))
     base = normalized_range()[0]
+    f = explained(model, params)
+    ours = np.asarray(explain.occlusion(f, x[:1], target=2, window=8, stride=8, baseline=base))
     ref = np.zeros((32, 32))
     clean = float(logit(model, params, x[:1], jnp.array([2]))[0])
     for r in range(0, 25, 8):
@@ -210,27 +218,30 @@ def test_every_method_is_jittable_batch_consistent_and_finite(name, setup):
     opts = {"n_samples": 4} if name == "smoothgrad" else {}
     if name == "integrated_gradients":
         opts = {"n_steps": 8}
-    eager = explain.attribute(name, model, params, x, jnp.array([1, 1, 2, 3]), **opts)
-    jitted = jax.jit(lambda p, v, t: explain.attribute(name, model, p, v, t, **opts))(
+    eager = explain.attribute(name, explained(model, params), x, jnp.array([1, 1, 2, 3]), **opts)
+    jitted = jax.jit(lambda p, v, t: explain.attribute(name, explained(model, p), v, t, **opts))(
         params, x, jnp.array([1, 1, 2, 3])
     )
     np.testing.assert_allclose(jitted, eager, rtol=1e-9, atol=1e-12)
     expected = x.shape[:3] if name in explain.CAM_METHODS else x.shape
     chex.assert_shape(eager, expected)
     if name != "smoothgrad":  # per-sample noise keys depend on the batch position
-        single = explain.attribute(name, model, params, x[2:3], 2, **opts)
+        single = explain.attribute(name, explained(model, params), x[2:3], 2, **opts)
         np.testing.assert_allclose(single[0], eager[2], rtol=1e-9, atol=1e-12)
-    chex.assert_tree_all_finite(explain.attribute(name, model, params, jnp.zeros_like(x), **opts))
+    chex.assert_tree_all_finite(
+        explain.attribute(name, explained(model, params), jnp.zeros_like(x), **opts)
+    )
 
 
 def test_unknown_method_and_layer_list_the_choices(setup):
     model, params, x = setup
     with pytest.raises(ValueError, match=r"unknown method 'lime'; choose one of \['grad_cam'"):
-        explain.attribute("lime", model, params, x)
+        explain.attribute("lime", explained(model, params), x)
     with pytest.raises(
-        ValueError, match=r"unknown conv layer 'fc1'; choose one of \['conv1', 'conv2'\]"
+        ValueError,
+        match=r"layer 'fc1' is not a feature map \[B, h, w, K\]; choose one of \['conv1', 'conv2'\]",
     ):
-        explain.grad_cam(model, params, x, layer="fc1")
+        explain.grad_cam(explained(model, params), x, layer="fc1")
 
 
 def test_method_options_are_the_keyword_options_with_their_defaults():

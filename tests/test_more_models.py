@@ -14,7 +14,7 @@ from lenet_jax import data, explain
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import normalized_range
 from lenet_jax.experiment import train_and_evaluate
-from lenet_jax.models import CNN, MiniVGG
+from lenet_jax.models import CNN, MiniVGG, explained
 from lenet_jax.recipes import RECIPES, recipe
 from lenet_jax.report import evaluate_run, explain_run
 
@@ -88,21 +88,23 @@ def test_cams_of_minivgg_default_to_its_last_conv_layer():
     model = MiniVGG()
     params = random_params(model, seed=5, bias_scale=0.01, dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    acts, _ = explain.layer_activations(model, params, x)
+    acts, _ = explain.layer_activations(explained(model, params), x)
     assert acts.shape == (2, 16, 16, 128)  # conv4's output
-    low = explain.grad_cam(model, params, x, target=1, upsample=False)
+    low = explain.grad_cam(explained(model, params), x, target=1, upsample=False)
     np.testing.assert_allclose(
-        low, explain.grad_cam(model, params, x, target=1, layer="conv4", upsample=False)
+        low, explain.grad_cam(explained(model, params), x, target=1, layer="conv4", upsample=False)
     )
     assert low.shape == (2, 16, 16)
-    assert explain.score_cam(model, params, x, target=1).shape == (2, 32, 32)
+    assert explain.score_cam(explained(model, params), x, target=1).shape == (2, 32, 32)
 
 
 def test_integrated_gradients_on_color_inputs_use_the_per_channel_black():
     model = MiniVGG()
     params = random_params(model, seed=6, bias_scale=0.01)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
-    attr, gap = explain.integrated_gradients(model, params, x, 3, n_steps=8, return_gap=True)
+    attr, gap = explain.integrated_gradients(
+        explained(model, params), x, 3, n_steps=8, return_gap=True
+    )
     black = jnp.broadcast_to(jnp.asarray(normalized_range("cifar10")[0], x.dtype), x.shape)
     logit = lambda v: model.apply({"params": params}, v)[:, 3]  # noqa: E731
     delta = logit(x) - logit(black)

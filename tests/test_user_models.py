@@ -167,11 +167,15 @@ def t_bn(scale, bias, mean, var):
 
 def vgg_case():
     model = VGGBN()
-    variables = randomize(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))), jax.random.key(1))
+    variables = randomize(
+        model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))), jax.random.key(1)
+    )
     p, s = variables["params"], variables["batch_stats"]
     twin = torch.nn.Sequential()
     for i in (1, 2):
-        bn = t_bn(p[f"bn{i}"]["scale"], p[f"bn{i}"]["bias"], s[f"bn{i}"]["mean"], s[f"bn{i}"]["var"])
+        bn = t_bn(
+            p[f"bn{i}"]["scale"], p[f"bn{i}"]["bias"], s[f"bn{i}"]["mean"], s[f"bn{i}"]["var"]
+        )
         twin.extend([t_conv(p[f"conv{i}"]), bn, torch.nn.ReLU(), torch.nn.MaxPool2d(2)])
     twin.extend([torch.nn.Flatten(), t_dense(p["fc1"], (4, 4, 8)), torch.nn.ReLU()])
     twin.append(t_dense(p["fc2"]))
@@ -218,7 +222,9 @@ class TorchResNet(torch.nn.Module):
 
 def res_case():
     model = ResNet()
-    variables = randomize(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))), jax.random.key(3))
+    variables = randomize(
+        model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))), jax.random.key(3)
+    )
     return functools.partial(model.apply, variables), TorchResNet(variables["params"])
 
 
@@ -233,7 +239,12 @@ def mlp_case():
     return functools.partial(mlp, params), twin
 
 
-CASES = {"linen_vgg_bn": vgg_case, "nnx_cnn": nnx_case, "linen_resnet": res_case, "jax_mlp": mlp_case}
+CASES = {
+    "linen_vgg_bn": vgg_case,
+    "nnx_cnn": nnx_case,
+    "linen_resnet": res_case,
+    "jax_mlp": mlp_case,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -306,7 +317,9 @@ def test_a_user_composite_names_layers(case):
     names = explain.layer_names(f, x)
     mapping = {name: "epsilon" for name in names}
     np.testing.assert_allclose(
-        explain.lrp(f, x, 1, composite=mapping), explain.lrp(f, x, 1, composite="epsilon"), rtol=1e-12
+        explain.lrp(f, x, 1, composite=mapping),
+        explain.lrp(f, x, 1, composite="epsilon"),
+        rtol=1e-12,
     )
     with pytest.raises(ValueError, match=r"composite gives no rule for the layers \['"):
         explain.lrp(f, x, 1, composite={names[0]: "epsilon"})

@@ -297,7 +297,8 @@ def _mergeable(graph, ref, out_shape, param_dims):
     if producer is None or producer.name != "broadcast_in_dim":
         return None
     small = [1] * len(out_shape)
-    for size, d in zip(_shape(graph, producer.ins[0]), producer.params["broadcast_dimensions"]):
+    dims = producer.params["broadcast_dimensions"]
+    for size, d in zip(_shape(graph, producer.ins[0]), dims, strict=True):
         small[d] = size
     if any(small[d] != 1 for d in range(len(small)) if d not in param_dims):
         return None

@@ -224,8 +224,7 @@ def _nnx_scopes(f):
 
     try:
         for cls in classes:
-            if callable(getattr(cls, "__call__", None)):
-                cls.__call__ = scoped(cls.__call__)
+            cls.__call__ = scoped(cls.__call__)
         yield paths
     finally:
         for cls, call in saved.items():
