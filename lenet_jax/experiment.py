@@ -17,7 +17,7 @@ from lenet_jax import checkpoint, parallel
 from lenet_jax.data import get_dataset, load_dataset
 from lenet_jax.io import atomic_write_json
 from lenet_jax.models import (
-    SequentialModel,
+    ImageClassifier,
     build_model,
     count_params,
     init_params,
@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def train_and_evaluate(
-    model: SequentialModel | None,
+    model: ImageClassifier | None,
     config: TrainConfig,
     run_dir: str | Path,
     *,

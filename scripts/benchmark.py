@@ -8,6 +8,7 @@ The PyTorch/zennit peers run when the ``peers`` extra is installed, on the same 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import statistics
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -483,6 +485,94 @@ def bench_pytorch_grad_cam(model, params, x, repeats, images_per_call=1000):
         score_cam.tqdm = bars
 
 
+class VGGBN(nn.Module):
+    """A user's Linen model: two conv -> BatchNorm -> ReLU -> max-pool blocks and a dense head."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i, features in enumerate((32, 64)):
+            x = nn.Conv(features, (3, 3), padding="SAME", name=f"conv{i + 1}")(x)
+            x = nn.BatchNorm(use_running_average=True, name=f"bn{i + 1}")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(128, name="fc1")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(10, name="fc2")(x)
+
+
+def vgg_bn():
+    """``(f, variables)``: ``VGGBN`` with random weights and BatchNorm statistics."""
+    model = VGGBN()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    stats = jax.tree_util.tree_map(
+        lambda a: 0.5 + jax.random.uniform(next(keys), a.shape), variables["batch_stats"]
+    )
+    variables = {**variables, "batch_stats": stats}
+    return functools.partial(model.apply, variables), variables
+
+
+def vgg_bn_twin(variables):
+    """The float32 torch twin of ``VGGBN`` (BatchNorm eps 0, variance shifted by Flax's eps: the
+    same function, which zennit 0.5.1's BatchNorm merge then computes exactly)."""
+    import torch
+
+    p, stats = variables["params"], variables["batch_stats"]
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731
+    layers = []
+    for i in (1, 2):
+        k = np.asarray(p[f"conv{i}"]["kernel"])
+        conv = torch.nn.Conv2d(k.shape[2], k.shape[3], 3, padding="same")
+        conv.weight.data, conv.bias.data = t(k.transpose(3, 2, 0, 1)), t(p[f"conv{i}"]["bias"])
+        bn = torch.nn.BatchNorm2d(k.shape[3], eps=0.0)
+        bn.weight.data, bn.bias.data = t(p[f"bn{i}"]["scale"]), t(p[f"bn{i}"]["bias"])
+        bn.running_mean.data = t(stats[f"bn{i}"]["mean"])
+        bn.running_var.data = t(np.asarray(stats[f"bn{i}"]["var"]) + 1e-5)  # Flax's eps
+        layers += [conv, bn, torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+    k1 = np.asarray(p["fc1"]["kernel"]).reshape(7, 7, 64, -1).transpose(2, 0, 1, 3).reshape(-1, 128)
+    fc1, fc2 = torch.nn.Linear(*k1.shape), torch.nn.Linear(128, 10)
+    fc1.weight.data, fc1.bias.data = t(k1.T), t(p["fc1"]["bias"])
+    fc2.weight.data, fc2.bias.data = t(np.asarray(p["fc2"]["kernel"]).T), t(p["fc2"]["bias"])
+    layers += [torch.nn.Flatten(), fc1, torch.nn.ReLU(), fc2]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def bench_user_model(images, repeats, peers, batch_size=500):
+    """LRP (epsilon_plus_flat) on ``VGGBN`` through the engine, and zennit with its BatchNorm
+    canonizer on the twin. Rows, and the largest difference of the two maps on 8 images."""
+    f, variables = vgg_bn()
+    x = ((jnp.asarray(images, jnp.float32)[..., None] / 255.0) - MEAN) / STD
+    lrp = jax.jit(lambda v: explain.lrp(f, v, composite="epsilon_plus_flat", batch_size=batch_size))
+    n = x.shape[0]
+    rows = [timed_row("JAX lrp, Linen VGG with BatchNorm", lambda: lrp(x), repeats, images=n)]
+    if not peers:
+        return rows, None
+    import torch
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat
+
+    twin = vgg_bn_twin(variables)
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+    def zennit_maps(xs):
+        out = []
+        composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+        with Gradient(model=twin, composite=composite) as attributor:
+            for i in range(0, len(xs), batch_size):
+                xb = xs[i : i + batch_size]
+                logits = twin(xb).detach()
+                seed = torch.nn.functional.one_hot(logits.argmax(1), 10).to(logits) * logits
+                out.append(attributor(xb, seed)[1])
+        return torch.cat(out)
+
+    rows.append(
+        timed_row("zennit lrp, Linen VGG's twin, BatchNorm canonizer", lambda: zennit_maps(xt),
+                  max(1, min(repeats, 3)), images=n)
+    )  # fmt: skip
+    ours = np.asarray(explain.lrp(f, x[:8], composite="epsilon_plus_flat"))
+    theirs = zennit_maps(xt[:8]).numpy().transpose(0, 2, 3, 1)
+    return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
 def markdown(results) -> str:
     lines = [
         f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}.",
@@ -501,14 +591,14 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("train", "explain", "accuracy", "devices")
+SECTIONS = ("train", "explain", "user_model", "accuracy", "devices")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--only",
-        default="train,explain",
+        default="train,explain,user_model",
         help="comma-separated sections: " + ", ".join(SECTIONS),
     )
     p.add_argument(
@@ -604,13 +694,15 @@ def main(argv=None) -> int:
             rows[3]["median_s"] / rows[1]["median_s"]
         )
     if "explain" in sections:
-        print("explain 10k test images ...", flush=True)
+        print(f"explain {args.images} test images ...", flush=True)
         model = LeNet5()
         params = init_params(model, jax.random.key(0))
         x = preprocess(jnp.asarray(test_x[: args.images]))
         rows = bench_explain(model, params, x, methods, args.repeats)
         results["rows"] += rows
         by = {r["method"]: r for r in rows}
+        if "lrp" in by:
+            results["ratios"]["JAX LRP first call (tracing + compiling), s"] = by["lrp"]["first_s"]
         if "lrp" in by and "saliency" in by:
             results["ratios"]["LRP time / saliency time"] = (
                 by["lrp"]["median_s"] / by["saliency"]["median_s"]
@@ -647,6 +739,15 @@ def main(argv=None) -> int:
             results["ratios"]["PyTorch forward / JAX forward of the masked inputs"] = (
                 floor[1]["median_s"] / floor[0]["median_s"]
             )
+    if "user_model" in sections:
+        print(f"LRP of a Linen VGG with BatchNorm on {args.images} test images ...", flush=True)
+        rows, diff = bench_user_model(test_x[: args.images], args.repeats, peers)
+        results["rows"] += rows
+        if diff is not None:
+            results["ratios"]["zennit time / JAX LRP time, Linen VGG with BatchNorm"] = (
+                rows[1]["median_s"] / rows[0]["median_s"]
+            )
+            results["ratios"]["largest |JAX − zennit| / largest |zennit|, VGG-BN, float32"] = diff
     md = markdown(results)
     print(md)
     write_report(args.out, results, md)

@@ -28,7 +28,9 @@ def _layer_value(plan: engine.Plan, layer: str | None) -> int:
         raise ValueError(f"unknown layer {layer!r}; the convolutions are {convs}")
     i = plan.layers[layer]
     if len(plan.graph.shapes[i].shape) != 4:
-        raise ValueError(f"layer {layer!r} is not a feature map [B, h, w, K]; choose one of {convs}")
+        raise ValueError(
+            f"layer {layer!r} is not a feature map [B, h, w, K]; choose one of {convs}"
+        )
     return i
 
 

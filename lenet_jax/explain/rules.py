@@ -219,4 +219,3 @@ RULES = {
     "pass": Pass,
     "gradient": Gradient,
 }
-
