@@ -1,6 +1,5 @@
 """Run by test_parallel.py in a subprocess with 8 simulated CPU devices; prints one JSON line."""
 
-import functools
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lenet_jax import explain, parallel  # noqa: E402
+from lenet_jax import parallel  # noqa: E402
 from lenet_jax.experiment import train_and_evaluate  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
@@ -66,7 +65,9 @@ def main():
     hlo = fns["step" if sys.argv[1] == "python" else "scan"].lower(*args).compile().as_text()
 
     x = jax.random.normal(jax.random.key(3), (20, 32, 32, 1))  # 20: not a multiple of 8
-    lrp = jax.jit(functools.partial(explain.lrp, model, composite="epsilon_plus_flat"))
+    from lenet_jax.report import attribution_fn
+
+    lrp = jax.jit(attribution_fn("lrp", model, composite="epsilon_plus_flat"))
     plain = lrp(single.params, x)
     split = parallel.sharded_call(lrp, mesh, single.params, x)
     lrp_shards = len(parallel.shard_batch(np.asarray(x), mesh)[0].sharding.device_set)

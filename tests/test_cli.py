@@ -12,10 +12,10 @@ import pytest
 from conftest import require
 
 from lenet_jax import explain
-from lenet_jax.models import explained
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
 from lenet_jax.image_files import read_images
+from lenet_jax.models import dataset_options, explained
 from lenet_jax.report import evaluate_run, explain_run, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def test_explain_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "explain.py: error: unknown layer 'conv9' for feature maps; "
-        "choose one of ['act1', 'act2', 'conv1', 'conv2', 'pool1', 'pool2']"
+        "choose one of ['conv1', 'conv2']"
     )
     r = run_script("explain.py", "--run", tiny_run, "--indices", "1,2", "--image", out)
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
@@ -195,14 +195,19 @@ def test_explain_options_reach_the_method(tiny_run, tmp_path):
     saved = np.load(written["npz"])
     model, params, _ = load_params(tiny_run)
     images, _ = load_mnist("test", progress=False)
+    black = dataset_options(model)["baseline"]
     direct = explain.occlusion(
-        model, params, model.preprocess(images[saved["indices"]]), window=8, stride=8
+        explained(model, params),
+        model.preprocess(images[saved["indices"]]),
+        window=8,
+        stride=8,
+        baseline=black,
     )
     np.testing.assert_allclose(
         saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
     )
     default = explain.occlusion(
-        explained(model, params), model.preprocess(images[saved["indices"]])
+        explained(model, params), model.preprocess(images[saved["indices"]]), baseline=black
     )
     assert not np.allclose(saved["attribution"], np.asarray(default).sum(-1), atol=1e-3)
 
@@ -273,7 +278,10 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
     out = json.loads((tmp_path / "b.json").read_text())
     assert [row["name"] for row in out["rows"]] == ["JAX lrp", "JAX saliency"]
     assert all(row["images_per_s"] == 64 / row["median_s"] for row in out["rows"])
-    assert set(out["ratios"]) == {"LRP time / saliency time"}
+    assert set(out["ratios"]) == {
+        "LRP time / saliency time",
+        "JAX LRP first call (tracing + compiling), s",
+    }
     r = run_script("benchmark.py", "--only", "gpu")
     assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
 

@@ -14,7 +14,7 @@ from lenet_jax import data, explain
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import normalized_range
 from lenet_jax.experiment import train_and_evaluate
-from lenet_jax.models import CNN, MiniVGG, explained
+from lenet_jax.models import CNN, MiniVGG, dataset_options, explained
 from lenet_jax.recipes import RECIPES, recipe
 from lenet_jax.report import evaluate_run, explain_run
 
@@ -98,12 +98,14 @@ def test_cams_of_minivgg_default_to_its_last_conv_layer():
     assert explain.score_cam(explained(model, params), x, target=1).shape == (2, 32, 32)
 
 
-def test_integrated_gradients_on_color_inputs_use_the_per_channel_black():
+def test_integrated_gradients_on_color_inputs_take_a_per_channel_black():
     model = MiniVGG()
     params = random_params(model, seed=6, bias_scale=0.01)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
+    per_channel = dataset_options(model)["baseline"]
+    assert per_channel.shape == (3,)
     attr, gap = explain.integrated_gradients(
-        explained(model, params), x, 3, n_steps=8, return_gap=True
+        explained(model, params), x, 3, n_steps=8, return_gap=True, baseline=per_channel
     )
     black = jnp.broadcast_to(jnp.asarray(normalized_range("cifar10")[0], x.dtype), x.shape)
     logit = lambda v: model.apply({"params": params}, v)[:, 3]  # noqa: E731
