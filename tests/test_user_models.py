@@ -308,8 +308,7 @@ def test_layer_names_are_the_users(case):
     np.testing.assert_allclose(rel[expected[-1]][:, 2], f(x)[:, 2], rtol=1e-12)
     if name == "linen_resnet":
         assert {"block1", "block1/conv_a"} <= set(rel)
-        chex_shape = rel["block1"].shape
-        assert chex_shape == (4, 16, 16, 6)
+        assert rel["block1"].shape == (4, 16, 16, 6)
 
 
 def test_a_user_composite_names_layers(case):

@@ -122,7 +122,8 @@ class Node:
 
     Attributes:
       kind: ``"conv"``, ``"dense"``, ``"norm"`` or ``"gradient"``.
-      name: the layer name (module path, or ``"<kind>_<i>"`` for an unnamed linear layer).
+      name: a linear node's layer name (module path, or ``"<kind>_<i>"`` when unnamed); ``""``
+        for the other kinds.
       op: the primary operation.
       steps: the affine chain after it (bias, BatchNorm, a division by the pooling window).
       inputs: ids of the input-dependent operands of ``op``.
@@ -176,7 +177,7 @@ def plan(graph: Graph) -> Plan:
     dep = input_dependent(graph)
     if graph.output not in dep:
         raise ValueError("the model's output does not depend on its input")
-    consumers = _consumers(graph)
+    consumers, producers = _consumers(graph), _producers(graph)
     nodes, source, unsupported, absorbed = [], {}, {}, set()
     for i, op in enumerate(graph.ops):
         dep_ins = tuple(r for r in op.ins if not isinstance(r, Lit) and r in dep)
@@ -184,12 +185,14 @@ def plan(graph: Graph) -> Plan:
             continue
         sources = {source.get(r, r) for r in dep_ins}
         if op.name in LINEAR and len(dep_ins) == 1 and _linear_ok(op):
+            kind = LINEAR[op.name]
             dims = _param_dims(graph, op, op.ins.index(dep_ins[0]))
-            steps, ops = _chain(graph, i, consumers, dep, dims)
+            steps, ops = _chain(graph, i, consumers, producers, dep, dims)
         elif op.name in SUMS or (op.name == "add" and len(sources) == 2):
-            steps, ops = _chain(graph, i, consumers, dep, None)
+            kind = "norm"
+            steps, ops = _chain(graph, i, consumers, producers, dep, None)
         elif op.name in STRUCTURAL:
-            steps, ops = (), ()
+            kind, steps, ops = "gradient", (), ()
         elif op.name in ELEMENTWISE and len(sources) == 1 and _same_shape(graph, op, dep_ins):
             source[op.outs[0]] = sources.pop()
             continue
@@ -198,8 +201,6 @@ def plan(graph: Graph) -> Plan:
             continue
         absorbed.update(ops)
         members = (op.outs[0], *(graph.ops[j].outs[0] for j in ops))
-        kind = LINEAR.get(op.name) if op.name in LINEAR else "gradient"
-        kind = "norm" if op.name in SUMS or op.name == "add" else kind
         nodes.append(Node(kind, "", op, steps, tuple(dict.fromkeys(dep_ins)), members[-1], members))
     nodes = _name_linear(nodes)
     alias = {m: n.output for n in nodes for m in n.members}
@@ -215,6 +216,11 @@ def _consumers(graph: Graph) -> dict[int, list[int]]:
         for r in dict.fromkeys(r for r in op.ins if not isinstance(r, Lit)):
             out.setdefault(r, []).append(j)
     return out
+
+
+def _producers(graph: Graph) -> dict[int, Op]:
+    """id -> the op that computes it."""
+    return {v: op for op in graph.ops for v in op.outs}
 
 
 def _same_shape(graph: Graph, op: Op, refs) -> bool:
@@ -244,7 +250,7 @@ def _param_dims(graph: Graph, op: Op, x_pos: int) -> frozenset[int]:
     return frozenset(range(lhs_free))
 
 
-def _chain(graph, i, consumers, dep, param_dims):
+def _chain(graph, i, consumers, producers, dep, param_dims):
     """The affine steps that follow op ``i`` (each the only reader of the value before it).
 
     ``param_dims`` is ``None`` for a norm node (scaling steps only), else the output dims a scale
@@ -259,7 +265,7 @@ def _chain(graph, i, consumers, dep, param_dims):
             break
         if not isinstance(other[0], Lit) and other[0] in dep:
             break
-        step = _step(graph, op, cur, other[0], param_dims)
+        step = _step(graph, producers, op, cur, other[0], param_dims)
         if step is None:
             break
         steps.append(step)
@@ -268,7 +274,7 @@ def _chain(graph, i, consumers, dep, param_dims):
     return tuple(steps), tuple(ops)
 
 
-def _step(graph, op, cur, ref, param_dims) -> Step | None:
+def _step(graph, producers, op, cur, ref, param_dims) -> Step | None:
     """The chain step of ``op`` on the value ``cur`` and constant ``ref``, or ``None`` to stop."""
     left = op.ins.index(ref) == 0
     if op.name == "div" and left:
@@ -277,11 +283,14 @@ def _step(graph, op, cur, ref, param_dims) -> Step | None:
         return Step(op.name, ref, left) if op.name in ("mul", "div") else None
     if op.name in ("add", "sub"):
         return Step(op.name, ref, left)
-    merged = _mergeable(graph, ref, graph.shapes[cur].shape, param_dims)
-    return None if merged is None else Step(op.name, *merged[:1], left, merged[1])
+    merged = _mergeable(graph, producers, ref, graph.shapes[cur].shape, param_dims)
+    if merged is None:
+        return None
+    ref, shape = merged
+    return Step(op.name, ref, left, shape)
 
 
-def _mergeable(graph, ref, out_shape, param_dims):
+def _mergeable(graph, producers, ref, out_shape, param_dims):
     """``(ref, shape)`` of a scale that varies only along ``param_dims``, else ``None``.
 
     A scale broadcast to the full output (``broadcast_in_dim``) is read from before the broadcast.
@@ -293,7 +302,7 @@ def _mergeable(graph, ref, out_shape, param_dims):
         shape[d] == 1 for d in range(len(shape)) if d not in param_dims
     ):
         return ref, None
-    producer = next((op for op in graph.ops if ref in op.outs), None)
+    producer = None if isinstance(ref, Lit) else producers.get(ref)
     if producer is None or producer.name != "broadcast_in_dim":
         return None
     small = [1] * len(out_shape)
@@ -306,16 +315,16 @@ def _mergeable(graph, ref, out_shape, param_dims):
 
 
 def _name_linear(nodes: list[Node]) -> list[Node]:
-    """Names each node: a linear node by its innermost scope (or ``dense_2``), others by scope."""
-    out, seen = [], {}
-    for k, node in enumerate(nodes):
-        name = node.op.scope[-1] if node.op.scope else ""
-        if node.is_linear and not name:
-            name = f"{node.kind}_{sum(n.is_linear for n in nodes[:k])}"
+    """Names the linear nodes by their innermost scope, or by kind and position (``dense_2``); a
+    name used again (a module called twice) gets ``:1``, ``:2``, ... Other nodes stay unnamed."""
+    out, seen, k = [], {}, 0
+    for node in nodes:
         if node.is_linear:
+            name = node.op.scope[-1] if node.op.scope else f"{node.kind}_{k}"
             seen[name] = seen.get(name, -1) + 1
-            name = f"{name}:{seen[name]}" if seen[name] else name
-        out.append(dataclasses.replace(node, name=name))
+            node = dataclasses.replace(node, name=f"{name}:{seen[name]}" if seen[name] else name)
+            k += 1
+        out.append(node)
     return out
 
 

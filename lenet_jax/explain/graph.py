@@ -205,12 +205,14 @@ def _nnx_scopes(f):
     if not isinstance(f, nnx.Module):
         yield {}
         return
-    marks, paths = {}, {}
+    marks, paths, classes = {}, {}, set()
     for path, node in nnx.iter_graph(f):
-        if isinstance(node, nnx.Module) and path and id(node) not in marks:
+        if not isinstance(node, nnx.Module):
+            continue
+        classes.add(type(node))
+        if path and id(node) not in marks:
             marks[id(node)] = f"{_NNX_MARK}{len(marks)}"
             paths[marks[id(node)]] = "/".join(map(str, path))
-    classes = {type(node) for _, node in nnx.iter_graph(f) if isinstance(node, nnx.Module)}
     saved = {cls: cls.__dict__.get("__call__") for cls in classes}
 
     def scoped(call):
