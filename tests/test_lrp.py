@@ -12,7 +12,14 @@ import pytest
 from conftest import random_params
 from jax import lax
 
-from lenet_jax.explain import COMPOSITES, composite_rules, conservation, layer_names, lrp
+from lenet_jax.explain import (
+    COMPOSITES,
+    composite_rules,
+    conservation,
+    grad_cam,
+    layer_names,
+    lrp,
+)
 from lenet_jax.explain import lrp_layerwise as lrp_layerwise_f
 from lenet_jax.explain import rules as R
 from lenet_jax.explain.engine import plan
@@ -467,3 +474,13 @@ def test_an_operation_without_a_rule_is_a_one_line_error(op, name):
 def test_a_model_whose_output_ignores_the_input_is_rejected():
     with pytest.raises(ValueError, match="the model's output does not depend on its input"):
         lrp(lambda x: jnp.ones((x.shape[0], 3)), jnp.ones((2, 4)))
+
+
+def test_a_model_must_map_one_array_to_one_array_of_logits():
+    with pytest.raises(ValueError, match=r"^the model must map one array to one array of logits"):
+        lrp(lambda x: (x.sum(1), x.sum(1)), jnp.ones((2, 4)))
+    linear = lambda x: x.reshape(x.shape[0], -1) @ jnp.ones((16, 3))  # noqa: E731
+    with pytest.raises(ValueError, match=r"^unknown layer 'conv9'; the convolutions are \[\]"):
+        grad_cam(linear, jnp.ones((2, 4, 4, 1)), layer="conv9")
+    with pytest.raises(ValueError, match=r"^the model has no convolution for a CAM"):
+        grad_cam(linear, jnp.ones((2, 4, 4, 1)))
