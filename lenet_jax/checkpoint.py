@@ -4,7 +4,8 @@
 atomically; ``checkpoints/epoch_NNN.json`` holds the model config, normalization, epoch, metrics and
 the sha256 of the msgpack, written atomically *after* it. The JSON is the commit marker: a checkpoint
 counts only when its JSON exists and the state's hash matches, so a process killed at any moment
-leaves the previous checkpoint usable.
+leaves the previous checkpoint usable. The JSON carries a checksum of its own content and the state's
+hash, so an edited JSON (another model, another learning rate) is refused rather than trusted.
 """
 
 from __future__ import annotations
@@ -53,7 +54,15 @@ def save_checkpoint(run_dir: str | Path, state, metadata: dict[str, Any]) -> Pat
         "state_file": state_path.name,
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    return atomic_write_json(json_path, meta)
+    meta = json.loads(json.dumps(meta))  # the checksum is of what a reader will load
+    return atomic_write_json(json_path, {**meta, "checksum": _checksum(meta)})
+
+
+def _checksum(meta: dict[str, Any]) -> str:
+    """sha256 of the metadata (without its ``checksum``) in canonical JSON; the metadata holds the
+    state's sha256, so this covers both files."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _key_data(key):
@@ -65,20 +74,53 @@ def _key_data(key):
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], bytes] | None:
-    """``(metadata, state_bytes)`` of the newest intact checkpoint in ``run_dir``, or ``None``."""
+    """``(metadata, state_bytes)`` of the newest intact checkpoint in ``run_dir``, or ``None``.
+
+    A checkpoint whose state file is missing or does not match its hash is skipped (the previous one
+    is used). Metadata that was changed after it was written is an error, not skipped: the run
+    would otherwise quietly continue from an older epoch.
+
+    Raises:
+      CheckpointError: the newest checkpoint's JSON does not match its checksum.
+    """
     ckpt_dir = Path(run_dir) / "checkpoints"
-    metas = sorted(
-        (int(m.group(1)), p) for p in ckpt_dir.glob("epoch_*.json") if (m := _NAME.search(p.name))
-    )
-    for _, meta_path in reversed(metas):
+    for meta_path in reversed(_checkpoint_files(ckpt_dir)):
         try:
             meta = json.loads(meta_path.read_text())
             payload = (ckpt_dir / meta["state_file"]).read_bytes()
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if hashlib.sha256(payload).hexdigest() == meta.get("sha256"):
-            return meta, payload
+        if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+            continue
+        if "checksum" in meta and meta["checksum"] != _checksum(meta):
+            raise CheckpointError(
+                f"{meta_path} was changed after it was written (its checksum does not match); "
+                "restore it, or delete it to use the previous epoch"
+            )
+        return meta, payload
     return None
+
+
+def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """The ``epoch_NNN.json`` files of ``ckpt_dir``, oldest epoch first."""
+    found = [
+        (int(m.group(1)), p) for p in ckpt_dir.glob("epoch_*.json") if (m := _NAME.search(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def remove_unfinished(run_dir: str | Path) -> list[Path]:
+    """Removes what a process killed mid-checkpoint left in ``run_dir``: temporary files, and state
+    files whose JSON (the commit marker) was never written. Returns them. Hold the run's lock."""
+    from lenet_jax.io import remove_orphans
+
+    removed = remove_orphans(run_dir)
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    for state in ckpt_dir.glob("epoch_*.msgpack"):
+        if not state.with_suffix(".json").exists():
+            state.unlink()
+            removed.append(state)
+    return removed
 
 
 def restore_state(template, payload: bytes, metadata: dict[str, Any], expected_model: dict):
@@ -134,10 +176,32 @@ def load_params(run_dir: str | Path):
     if found is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
     meta, payload = found
-    model = build_model(meta["model"])
-    state = serialization.msgpack_restore(payload)
-    params = _as_jax(state["params"])
+    try:
+        model = build_model(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir}: the checkpoint names no valid model ({e})") from None
+    params = _as_jax(serialization.msgpack_restore(payload)["params"])
+    _check_shapes(model, params, run_dir)
     return model, params, meta
+
+
+def _check_shapes(model, params, run_dir) -> None:
+    """Raises ``CheckpointError`` unless ``params`` has exactly the shapes ``model`` creates."""
+    import jax
+
+    from lenet_jax.models import init_params
+
+    expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+
+    if shapes(expected) != shapes(params):
+        raise CheckpointError(
+            f"{run_dir}: the weights do not fit {describe(model_config(model))} named in the "
+            "checkpoint's JSON; it was edited or comes from another run"
+        )
 
 
 def _as_jax(tree):

@@ -94,6 +94,8 @@ def resolve_run(parser: argparse.ArgumentParser, run):
             f"{parser.prog}: error: no trained run in runs/; "
             "train one first: python scripts/train.py\n",
         )
+    if run.is_file():
+        parser.exit(1, f"{parser.prog}: error: --run {run} is a file; name the run's folder\n")
     if not run.is_dir():
         parser.exit(1, f"{parser.prog}: error: run folder {run} does not exist\n")
     return run
@@ -108,8 +110,11 @@ def one_line_errors(parser: argparse.ArgumentParser):
 
     try:
         yield
-    except (ValueError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+    except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
+    except OSError as e:  # lenet_jax.io.OutputError has its own message; others name their file
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
 

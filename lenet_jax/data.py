@@ -499,6 +499,8 @@ def load_dataset(
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir(name)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"the data folder {data_dir} is a file, not a folder")
     if source == "tfds":
         return _load_tfds(ds, split, data_dir)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import sys
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax import checkpoint, parallel
+from lenet_jax import checkpoint, io, parallel
 from lenet_jax.data import get_dataset, load_dataset
 from lenet_jax.io import atomic_write_json
 from lenet_jax.models import (
@@ -70,6 +71,9 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains ``model`` with ``config``, checkpointing to ``run_dir`` after every epoch.
 
+    The run folder is checked and locked before any work (``lenet_jax.io.locked_folder``): one
+    process writes a run at a time, and what a killed process left half-written is removed.
+
     Args:
       model: the Linen model; ``None`` with ``resume`` takes the checkpoint's.
       config: hyperparameters (for ``resume``, the run's saved config is used instead).
@@ -78,7 +82,7 @@ def train_and_evaluate(
       data_dir, data_source: where the model's dataset comes from (``lenet_jax.data.load_dataset``).
       train_limit: train on the first N training images only (smoke runs).
       figures: write the PNG figures at the end.
-      progress: show tqdm bars.
+      progress: show progress bars (on stderr).
       mesh: ``"auto"`` splits every batch over all devices when there are several
         (``lenet_jax.parallel``); a ``jax.sharding.Mesh`` to choose; ``None`` for one device.
 
@@ -89,143 +93,198 @@ def train_and_evaluate(
       TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
       lenet_jax.checkpoint.CheckpointError: ``resume`` without a usable checkpoint, or one of
         another architecture.
+      lenet_jax.io.OutputError: ``run_dir`` cannot be written, or another process is writing it.
     """
-    from tqdm.auto import tqdm
-
     run_dir = Path(run_dir)
-    found = checkpoint.latest_checkpoint(run_dir) if resume else None
-    if resume and found is None:
-        raise checkpoint.CheckpointError(f"--resume: no intact checkpoint in {run_dir}")
-    if model is None:
-        if found is None:
-            raise ValueError("a model is needed unless resuming a run")
-        model = build_model(found[0]["model"])
-    mcfg = model_config(model)
-    if resume:
-        checkpoint.check_model(found[0], mcfg)
-        config = TrainConfig(**found[0]["config"])
-        train_limit = found[0].get("train_limit")
-    elif checkpoint.latest_checkpoint(run_dir) is not None:
-        raise checkpoint.CheckpointError(
-            f"{run_dir} already holds a run; use --resume to continue it or another --out"
-        )
+    writer = jax.process_index() == 0  # multi-host: process 0 writes and reports
+    with io.locked_folder(run_dir) if writer else contextlib.nullcontext():
+        if writer:
+            for path in checkpoint.remove_unfinished(run_dir):
+                _log(f"Removed {path}, left unfinished by an interrupted run")
+        model, config, train_limit, found = _settings(model, config, run_dir, resume, train_limit)
+        mesh = parallel.default_mesh() if mesh == "auto" else mesh
+        parallel.check_batch(config.batch_size, mesh)
+        data = _load_data(model, data_dir, data_source, train_limit, mesh, progress)
+        run = _Run(model, config, data, mesh, run_dir, progress)
+        state, history, start = _initial_state(run, found)
+        meta = _run_metadata(run, state, train_limit)
+        epoch_fns: dict = {}  # the jitted step (or epoch), compiled in the first epoch
+        for epoch in range(start, config.epochs + 1):
+            state, entry, report = _train_one_epoch(run, state, epoch, epoch_fns)
+            history.append(entry)
+            metadata = {**meta, "epoch": epoch, "step": int(state.step), "history": history}
+            checkpoint.save_checkpoint(run_dir, state, {**metadata, "test": report})
+        if not writer:
+            return {**meta, "epochs": config.epochs, "history": history}
+        return _finish(run, meta, figures)
 
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The dataset of a run: training images and labels on the device(s), the test set."""
+
+    dataset: Any  # lenet_jax.data.Dataset
+    images: jax.Array
+    labels: jax.Array
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What stays fixed during a run."""
+
+    model: ImageClassifier
+    config: TrainConfig
+    data: _Data
+    mesh: Any
+    run_dir: Path
+    progress: bool
+
+
+def _settings(model, config, run_dir: Path, resume: bool, train_limit):
+    """``(model, config, train_limit, found)``: for ``resume``, the checkpoint's settings and the
+    checkpoint itself; for a new run, the given ones after checking the folder holds no run."""
+    found = checkpoint.latest_checkpoint(run_dir)
+    if not resume:
+        if found is not None:
+            raise checkpoint.CheckpointError(
+                f"{run_dir} already holds a run; use --resume to continue it or another --out"
+            )
+        if model is None:
+            raise ValueError("a model is needed unless resuming a run")
+        return model, config, train_limit, None
+    if found is None:
+        raise checkpoint.CheckpointError(f"--resume: no intact checkpoint in {run_dir}")
+    meta = found[0]
+    model = build_model(meta["model"]) if model is None else model
+    checkpoint.check_model(meta, model_config(model))
+    return model, TrainConfig(**meta["config"]), meta.get("train_limit"), found
+
+
+def _load_data(model, data_dir, data_source, train_limit, mesh, progress: bool) -> _Data:
+    """The model's dataset; with a mesh the whole training set is copied to every device (each step
+    splits its batch)."""
     ds = get_dataset(model.dataset)
     load = dict(data_dir=data_dir, source=data_source, progress=progress)
     train_x, train_y = load_dataset(ds.name, "train", **load)
     test_x, test_y = load_dataset(ds.name, "test", **load)
     if train_limit:
         train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    mesh = parallel.default_mesh() if mesh == "auto" else mesh
-    parallel.check_batch(config.batch_size, mesh)
     if mesh is None:
         images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
-    else:  # the whole training set on every device; each step splits its batch
-        images, labels = (
-            parallel.make_global(a, parallel.replicated(mesh)) for a in (train_x, train_y)
-        )
-    test_images = jnp.asarray(test_x)
+    else:
+        everywhere = parallel.replicated(mesh)
+        images, labels = (parallel.make_global(a, everywhere) for a in (train_x, train_y))
+    return _Data(ds, images, labels, test_x, test_y)
 
-    root = jax.random.key(config.seed)
-    init_key, dropout_key, data_key = jax.random.split(root, 3)
-    steps_per_epoch = -(-images.shape[0] // config.batch_size)
-    tx = make_optimizer(config, steps_per_epoch)
-    state = create_train_state(model, init_params(model, init_key), tx, dropout_key)
+
+def _keys(config: TrainConfig):
+    """``(init, dropout, data)`` PRNG keys of the run, all from ``config.seed``."""
+    return jax.random.split(jax.random.key(config.seed), 3)
+
+
+def _steps_per_epoch(run: _Run) -> int:
+    return -(-run.data.images.shape[0] // run.config.batch_size)
+
+
+def _initial_state(run: _Run, found):
+    """``(state, history, first_epoch)``: a fresh train state, or the checkpoint's when resuming."""
+    init_key, dropout_key, _ = _keys(run.config)
+    tx = make_optimizer(run.config, _steps_per_epoch(run))
+    state = create_train_state(run.model, init_params(run.model, init_key), tx, dropout_key)
     history: list[dict] = []
-    start_epoch = 1
+    first = 1
     if found is not None:
         meta, payload = found
-        state = checkpoint.restore_state(state, payload, meta, mcfg)
-        history = meta.get("history", [])
-        start_epoch = meta["epoch"] + 1
-        _log(f"Resuming {run_dir} after epoch {meta['epoch']} (step {int(state.step)})")
-    if mesh is not None:
-        state = parallel.replicate(state, mesh)
-        _log(f"Data parallel over {mesh.size} devices ({jax.devices()[0].device_kind})")
+        state = checkpoint.restore_state(state, payload, meta, model_config(run.model))
+        history, first = meta.get("history", []), meta["epoch"] + 1
+        _log(f"Resuming {run.run_dir} after epoch {meta['epoch']} (step {int(state.step)})")
+    if run.mesh is not None:
+        state = parallel.replicate(state, run.mesh)
+        _log(f"Data parallel over {run.mesh.size} devices ({jax.devices()[0].device_kind})")
+    return state, history, first
 
-    base_meta = {
-        "model": mcfg,
+
+def _run_metadata(run: _Run, state, train_limit) -> dict[str, Any]:
+    """What every checkpoint and ``metrics.json`` records of the run besides its epochs."""
+    ds = run.data.dataset
+    return {
+        "model": model_config(run.model),
         "param_count": count_params(state.params),
         "dataset": ds.name,
         "classes": list(ds.classes),
-        "normalization": {"mean": ds.mean, "std": ds.std, "image_size": model.image_size},
-        "config": dataclasses.asdict(config),
+        "normalization": {"mean": ds.mean, "std": ds.std, "image_size": run.model.image_size},
+        "config": dataclasses.asdict(run.config),
         "train_limit": train_limit,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "devices": 1 if mesh is None else mesh.size,
+        "devices": 1 if run.mesh is None else run.mesh.size,
     }
-    augment = make_augment(config, ds.name)
-    fns: dict = {}
-    for epoch in range(start_epoch, config.epochs + 1):
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"Epoch {epoch}/{config.epochs}",
-            disable=not progress,
-            leave=False,
-            file=sys.stdout,
-        )
 
-        def on_progress(done, sums, bar=bar):
-            bar.update(done - bar.n)
-            bar.set_postfix(loss=f"{summarize(sums)['loss']:.4f}")
 
-        t0 = time.perf_counter()
-        state, sums = train_epoch(
-            state,
-            images,
-            labels,
-            epoch=epoch,
-            data_key=data_key,
-            batch_size=config.batch_size,
-            loop=config.loop,
-            fns=fns,
-            progress=on_progress,
-            label_smoothing=config.label_smoothing,
-            preprocess=model.preprocess,
-            augment=augment,
-            mesh=mesh,
-        )
-        train_metrics = summarize(sums)
-        seconds = time.perf_counter() - t0
-        bar.close()
-        if not np.isfinite(train_metrics["loss"]):
-            raise TrainingDiverged(
-                f"training loss became {train_metrics['loss']} in epoch {epoch}; "
-                f"the last good checkpoint (epoch {epoch - 1}) is kept in {run_dir}"
-            )
-        test_report = classification_report(
-            predict(model, state.params, test_images, config.eval_batch_size, mesh), test_y
-        )
-        history.append(
-            {
-                "epoch": epoch,
-                "seconds": seconds,
-                "train": train_metrics,
-                "test": {"loss": test_report["loss"], "accuracy": test_report["accuracy"]},
-            }
-        )
-        _log(
-            f"Epoch {epoch}, Loss: {train_metrics['loss']:.4f}, "
-            f"Accuracy: {100 * train_metrics['accuracy']:.2f}% "
-            f"(test {100 * test_report['accuracy']:.2f}%, {seconds:.1f} s)"
-        )
-        checkpoint.save_checkpoint(
-            run_dir,
-            state,
-            {
-                **base_meta,
-                "epoch": epoch,
-                "step": int(state.step),
-                "history": history,
-                "test": test_report,
-            },
-        )
+def _train_one_epoch(run: _Run, state, epoch: int, fns: dict):
+    """``(state, history_entry, test_report)`` after training epoch ``epoch`` and testing.
 
-    if jax.process_index() != 0:  # multi-host: process 0 writes and reports
-        return {**base_meta, "epochs": config.epochs, "history": history}
-    final = checkpoint.latest_checkpoint(run_dir)[0]
-    report = final["test"]
+    Raises:
+      TrainingDiverged: the epoch's training loss is not finite.
+    """
+    from tqdm.auto import tqdm
+
+    config = run.config
+    bar = tqdm(
+        total=_steps_per_epoch(run),
+        desc=f"Epoch {epoch}/{config.epochs}",
+        disable=not run.progress,
+        leave=False,
+        file=sys.stderr,
+    )
+
+    def on_progress(done, sums):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{summarize(sums)['loss']:.4f}")
+
+    t0 = time.perf_counter()
+    state, sums = train_epoch(
+        state,
+        run.data.images,
+        run.data.labels,
+        epoch=epoch,
+        data_key=_keys(config)[2],
+        batch_size=config.batch_size,
+        loop=config.loop,
+        fns=fns,
+        progress=on_progress,
+        label_smoothing=config.label_smoothing,
+        preprocess=run.model.preprocess,
+        augment=make_augment(config, run.data.dataset.name),
+        mesh=run.mesh,
+    )
+    train = summarize(sums)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    if not np.isfinite(train["loss"]):
+        kept = (
+            f"the last good checkpoint (epoch {epoch - 1}) is kept in {run.run_dir}"
+            if epoch > 1
+            else "no checkpoint was written; try a lower --lr"
+        )
+        raise TrainingDiverged(f"training loss became {train['loss']} in epoch {epoch}; {kept}")
+    test_x = jnp.asarray(run.data.test_x)
+    logits = predict(run.model, state.params, test_x, config.eval_batch_size, run.mesh)
+    report = classification_report(logits, run.data.test_y)
+    test = {"loss": report["loss"], "accuracy": report["accuracy"]}
+    _log(
+        f"Epoch {epoch}, Loss: {train['loss']:.4f}, Accuracy: {100 * train['accuracy']:.2f}% "
+        f"(test {100 * test['accuracy']:.2f}%, {seconds:.1f} s)"
+    )
+    return state, {"epoch": epoch, "seconds": seconds, "train": train, "test": test}, report
+
+
+def _finish(run: _Run, meta, figures: bool) -> dict[str, Any]:
+    """Prints the final test report, writes ``metrics.json`` and the figures; returns the metrics."""
+    final = checkpoint.latest_checkpoint(run.run_dir)[0]
+    report, classes = final["test"], run.data.dataset.classes
     _log(
         f"Test set: Average loss: {report['loss']:.4f}, Accuracy: "
         f"{report['correct']}/{report['count']} ({100 * report['accuracy']:.2f}%)"
@@ -235,17 +294,22 @@ def train_and_evaluate(
         "Per-class accuracy: "
         + ", ".join(
             f"{name}: {100 * a:.2f}%"
-            for name, a in zip(ds.classes, report["per_class_accuracy"], strict=True)
+            for name, a in zip(classes, report["per_class_accuracy"], strict=True)
         )
     )
     _log("Confusion matrix (rows: true, columns: predicted):")
     for row in report["confusion"]:
         _log("  " + " ".join(f"{v:5d}" for v in row))
-    metrics = {**base_meta, "epochs": config.epochs, "history": final["history"], "test": report}
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    metrics = {
+        **meta,
+        "epochs": final["config"]["epochs"],
+        "history": final["history"],
+        "test": report,
+    }
+    atomic_write_json(run.run_dir / "metrics.json", metrics)
     if figures:
-        _write_figures(run_dir, model, final, test_x, test_y, ds.classes)
-    _log(f"Run saved in {run_dir}")
+        _write_figures(run.run_dir, run.model, final, run.data.test_x, run.data.test_y, classes)
+    _log(f"Run saved in {run.run_dir}")
     return metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,21 +14,13 @@ import numpy as np
 
 from lenet_jax import checkpoint, explain, models, parallel
 from lenet_jax.data import get_dataset, load_dataset, to_pixels
-from lenet_jax.explain.common import target_logit
+from lenet_jax.explain.common import check_batch
 from lenet_jax.image_files import read_images
-from lenet_jax.io import atomic_savez
+from lenet_jax.io import atomic_savez, writable_folder
 from lenet_jax.train import predict
 
-SIGNED = {
-    "lrp": True,
-    "saliency": False,
-    "gradient_x_input": True,
-    "smoothgrad": True,
-    "integrated_gradients": True,
-    "grad_cam": False,
-    "score_cam": False,
-    "occlusion": True,
-}
+# A figure shows one row per image: more is unreadable, and slow to draw.
+MAX_FIGURE_IMAGES = 64
 
 
 def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool) -> np.ndarray:
@@ -64,6 +57,7 @@ def attribution_fn(name: str, model, **options):
 def explain_method(name: str, model, params, x, target=None, **options):
     """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit,
     with the batch split over every device when there are several (``lenet_jax.parallel``)."""
+    check_batch(x)
     fn = jax.jit(functools.partial(attribution_fn(name, model, **options), target=target))
     out = parallel.sharded_call(fn, parallel.default_mesh(), params, x)
     return out if out.ndim == 3 else out.sum(-1)
@@ -135,7 +129,8 @@ def explain_run(
       images: these image files instead of test images (``image_files.read_images``: inverted if
         dark on light, and laid out as MNIST digits for MNIST models).
       target: the class explained in every image (default: each image's predicted class).
-      out: the PNG path (default ``run_dir/explain_<method>.png``); the ``.npz`` sits beside it.
+      out: the PNG path; default ``run_dir/`` + ``output_name(...)``, one name per method, options
+        and inputs. The ``.npz`` sits beside it.
       layer: for LRP, also draw the relevance of this layer's feature maps; for CAMs, their layer.
       composite: the LRP composite.
       options: more keyword options of the method (``explain.method_options``), e.g.
@@ -143,9 +138,59 @@ def explain_run(
 
     Returns:
       Paths of what was written (``png``, ``npz`` and, for LRP with ``layer``, ``layer_png``).
-    """
-    from lenet_jax import plot
 
+    Raises:
+      ValueError: a bad choice, more than ``MAX_FIGURE_IMAGES`` images, a target out of range.
+      lenet_jax.io.OutputError: ``out``'s folder cannot be written (checked before any work).
+    """
+    per_method = _check_request(method, n, indices, images, layer, options or {})
+    if out is None:
+        out = Path(run_dir) / output_name(
+            method, composite, target, layer, options, n, indices, images
+        )
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    writable_folder(out.parent, "--out")
+    model, params, _ = checkpoint.load_params(run_dir)
+    classes = get_dataset(model.dataset).classes
+    # explain's own range check sees only concrete targets; under jit the target is traced
+    if target is not None and not 0 <= target < len(classes):
+        raise ValueError(
+            f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
+        )
+    x, logits, y, source = _chosen_inputs(
+        model, params, method, n, indices, images, data_dir, data_source
+    )
+    for name, opts in per_method.items():
+        if name == "lrp":
+            opts.setdefault("composite", composite)
+        if layer and name in explain.CAM_METHODS:
+            opts.setdefault("layer", layer)
+    view = _View(x, logits, y, target, classes, np.asarray(to_pixels(x, model.dataset)))
+    arrays = {**source, "pred": view.pred, "logits": logits, "target": view.explained}
+    arrays["classes"] = np.array(classes)
+    maps = {
+        name: np.asarray(explain_method(name, model, params, x, target=target, **opts))
+        for name, opts in per_method.items()
+    }
+    if method == "all":
+        arrays.update(maps)
+        titles = [view.describe(i, True) for i in range(len(x))]
+        figures = {"png": (out, _comparison_figure(view, maps, titles))}
+    else:
+        heat = arrays["attribution"] = maps[method]
+        if method == "lrp":
+            arrays["relevance_sum"] = heat.reshape(len(x), -1).sum(1)
+        figures = {"png": (out, _method_figure(view, method, heat, composite))}
+        if method == "lrp" and layer:
+            figure = _feature_map_figure(model, params, x, target, layer, view, per_method["lrp"])
+            figures["layer_png"] = (out.with_name(out.stem + f"_{layer}.png"), figure)
+    return _save(out, arrays, figures)
+
+
+def _check_request(method, n, indices, images, layer, options) -> dict[str, dict[str, Any]]:
+    """Checks what ``explain_run`` was asked before any work; returns ``split_options``' result."""
     if method != "all" and method not in explain.METHODS:
         raise ValueError(
             f"unknown method {method!r}; choose one of {sorted(explain.METHODS)} or all"
@@ -154,88 +199,97 @@ def explain_run(
         raise ValueError(f"--layer applies to lrp and the CAMs, not to {method}")
     if indices is not None and images is not None:
         raise ValueError("give test indices or image files, not both")
-    per_method = split_options(method, options or {})
-    out = Path(out) if out else Path(run_dir) / f"explain_{method}.png"
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
-    model, params, _ = checkpoint.load_params(run_dir)
-    classes = get_dataset(model.dataset).classes
-    # explain's own range check sees only concrete targets; under jit the target is traced
-    if target is not None and not 0 <= target < len(classes):
+    count = len(images) if images is not None else len(indices) if indices is not None else n
+    if count > MAX_FIGURE_IMAGES:
         raise ValueError(
-            f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
+            f"{count} images asked for, but a figure shows at most {MAX_FIGURE_IMAGES}; "
+            "explain fewer (or use scripts/evaluate.py to score many)"
         )
+    return split_options(method, options)
 
-    x, logits, y, source = _chosen_inputs(
-        model, params, method, n, indices, images, data_dir, data_source
-    )
-    pred = logits.argmax(1)
-    explained = pred if target is None else np.full(len(pred), target)
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
-    pixels = np.asarray(to_pixels(x, model.dataset))
 
-    def describe(i, mark):
+def output_name(method, composite, target, layer, options, n, indices, images) -> str:
+    """The default file name of an explanation: one per method, options and inputs, e.g.
+    ``explain_lrp_epsilon_plus_flat_first16.png``, ``explain_all_my_digit.png``,
+    ``explain_smoothgrad_n_samples=100_target3_indices0-7-42.png``."""
+    parts = [method]
+    if method in ("lrp", "all"):
+        parts.append(composite)
+    parts += [f"{k}={v}" for k, v in sorted((options or {}).items())]
+    if layer:
+        parts.append(layer)
+    if target is not None:
+        parts.append(f"target{target}")
+    if images is not None:
+        stems = [Path(p).stem for p in images]
+        parts.append("-".join(stems[:3]) + (f"-and{len(stems) - 3}more" if len(stems) > 3 else ""))
+    elif indices is not None:
+        parts.append(
+            "indices" + "-".join(map(str, indices[:8])) + ("-etc" if len(indices) > 8 else "")
+        )
+    else:
+        parts.append(f"first{n}")
+    name = "_".join(["explain", *parts])
+    return "".join(c if c.isalnum() or c in "._=-" else "-" for c in name) + ".png"
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """What the figures show of the explained inputs: pixels, labels, predictions, the target."""
+
+    x: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray  # -1 for image files
+    target: int | None
+    classes: Sequence[str]
+    pixels: np.ndarray
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+    @property
+    def explained(self) -> np.ndarray:
+        return self.pred if self.target is None else np.full(len(self.pred), self.target)
+
+    def describe(self, i: int, mark: bool) -> str:
         """``true 7 / pred 7``; ``mark``: with ✓/✗ and the confidence; `` / explains 3``."""
-        t, p = y[i], pred[i]
+        classes, t, p = self.classes, self.labels[i], self.pred[i]
+        probs = np.asarray(jax.nn.softmax(jnp.asarray(self.logits[i])))
         parts = [f"true {classes[t]}"] if t >= 0 else []
-        parts.append(f"pred {classes[p]}" + (f" ({probs[i, p]:.2f})" if mark else ""))
-        if target is not None:
-            parts.append(f"explains {classes[target]}")
+        parts.append(f"pred {classes[p]}" + (f" ({probs[p]:.2f})" if mark else ""))
+        if self.target is not None:
+            parts.append(f"explains {classes[self.target]}")
         text = " / ".join(parts)
         return f"{'✓' if p == t else '✗'} {text}" if mark and t >= 0 else text
 
-    arrays = {**source, "pred": pred, "logits": logits, "target": explained}
-    figures = {}
-    if method == "all":
-        maps = {}
-        for name in explain.METHODS:
-            method_options = {"composite": composite} if name == "lrp" else {}
-            if name in explain.CAM_METHODS and layer:
-                method_options["layer"] = layer
-            method_options.update(per_method[name])
-            maps[name] = np.asarray(
-                explain_method(name, model, params, x, target=target, **method_options)
-            )
-        titles = [describe(i, True) for i in range(len(x))]
-        figures["png"] = (out, plot.method_comparison(pixels, maps, SIGNED, titles))
-        arrays.update(maps)
-    else:
-        method_options = {}
-        if method == "lrp":
-            method_options["composite"] = composite
-        elif method in explain.CAM_METHODS and layer:
-            method_options["layer"] = layer
-        method_options.update(per_method[method])
-        heat = np.asarray(explain_method(method, model, params, x, target=target, **method_options))
-        titles = [describe(i, False) for i in range(len(x))]
-        arrays["attribution"] = heat
-        if method == "lrp":
-            sums = heat.reshape(len(x), -1).sum(1)
-            titles = [
-                f"{t}\nΣR {s:.2f} / logit {logits[i, explained[i]]:.2f}"
-                for i, (t, s) in enumerate(zip(titles, sums, strict=True))
-            ]
-            arrays["relevance_sum"] = sums
-        label = f"LRP ({composite})" if method == "lrp" else method.replace("_", " ")
-        figures["png"] = (
-            out,
-            plot.heatmap_pairs(
-                pixels,
-                heat,
-                titles,
-                signed=SIGNED[method],
-                suptitle=f"{label}: red = evidence for the class, blue = against"
-                if SIGNED[method]
-                else label,
-            ),
-        )
-        if method == "lrp" and layer:
-            figures["layer_png"] = (
-                out.with_name(out.stem + f"_{layer}.png"),
-                _feature_map_figure(
-                    model, params, x, target, layer, pixels[0], describe(0, False), method_options
-                ),
-            )
+
+def _comparison_figure(view: _View, maps, titles):
+    from lenet_jax import plot
+
+    return plot.method_comparison(view.pixels, maps, explain.SIGNED, titles)
+
+
+def _method_figure(view: _View, method: str, heat, composite: str):
+    """One method's heatmaps beside the inputs; LRP's titles add ΣR against the target logit."""
+    from lenet_jax import plot
+
+    titles = [view.describe(i, False) for i in range(len(view.x))]
+    if method == "lrp":
+        sums = heat.reshape(len(heat), -1).sum(1)
+        titles = [
+            f"{t}\nΣR {s:.2f} / logit {view.logits[i, view.explained[i]]:.2f}"
+            for i, (t, s) in enumerate(zip(titles, sums, strict=True))
+        ]
+    signed = explain.SIGNED[method]
+    label = f"LRP ({composite})" if method == "lrp" else method.replace("_", " ")
+    suptitle = f"{label}: red = evidence for the class, blue = against" if signed else label
+    return plot.heatmap_pairs(view.pixels, heat, titles, signed=signed, suptitle=suptitle)
+
+
+def _save(out: Path, arrays: dict, figures: dict) -> dict[str, Path]:
+    from lenet_jax import plot
+
     written = {"npz": atomic_savez(out.with_suffix(".npz"), **arrays)}
     for key, (path, fig) in figures.items():
         written[key] = plot.save(fig, path)
@@ -268,7 +322,7 @@ def _chosen_inputs(model, params, method, n, indices, images, data_dir, data_sou
     return model.preprocess(test_images[idx]), logits_all[idx], labels, saved
 
 
-def _feature_map_figure(model, params, x, target, layer, pixels, title, lrp_options):
+def _feature_map_figure(model, params, x, target, layer, view: _View, lrp_options):
     """The relevance of ``layer``'s feature maps for the first image, ranked, with the rules and
     options (``lrp_options``, as passed to ``explain.lrp``) of the heatmaps beside it."""
     from lenet_jax import plot
@@ -285,207 +339,5 @@ def _feature_map_figure(model, params, x, target, layer, pixels, title, lrp_opti
     maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
     if layer not in maps:
         raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
-    return plot.feature_map_relevance(
-        np.asarray(rels[layer][0]), pixels, f"Relevance of {layer}'s feature maps, {title}, ranked"
-    )
-
-
-# The evaluated entries: every method, LRP once per composite ("lrp:NAME").
-EVAL_OPTIONS = {
-    "lrp": {"batch_size": 500},  # + the composite of each entry
-    "saliency": {},
-    "gradient_x_input": {},
-    "smoothgrad": {"n_samples": 50, "batch_size": 10},
-    "integrated_gradients": {"n_steps": 50, "batch_size": 10},
-    "grad_cam": {},
-    "score_cam": {"batch_size": 16},
-    "occlusion": {"window": 4, "stride": 2, "batch_size": 10},
-}
-
-
-def evaluation_entries(methods: list[str], composites: list[str]) -> dict[str, tuple[str, dict]]:
-    """Entry label -> (method, options), LRP expanded into one entry per composite."""
-    entries = {}
-    for name in methods:
-        if name == "lrp":
-            for comp in composites:
-                entries[f"lrp:{comp}"] = ("lrp", {**EVAL_OPTIONS["lrp"], "composite": comp})
-        else:
-            entries[name] = (name, EVAL_OPTIONS[name])
-    return entries
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    methods: list[str] | None = None,
-    composites: list[str] | None = None,
-    n: int = 1000,
-    n_randomization: int = 100,
-    patch: int = 2,
-    n_steps: int = 32,
-    out: str | Path | None = None,
-    data_dir=None,
-    data_source=None,
-    progress: bool = True,
-) -> dict:
-    """Scores every method (and LRP composite) on ``n`` test images of a trained run.
-
-    Writes ``evaluation.md``, ``evaluation.csv``, ``evaluation.json``, ``flipping_curves.png`` and
-    ``randomization.png`` into ``out`` (default ``run_dir/evaluation``).
-
-    Returns:
-      The results dict (also in ``evaluation.json``).
-    """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from lenet_jax import evaluate, plot
-    from lenet_jax.io import atomic_write_bytes, atomic_write_json
-
-    started = time.perf_counter()
-    methods = list(explain.METHODS) if methods is None else methods
-    composites = list(explain.COMPOSITES) if composites is None else composites
-    bad = sorted(set(methods) - set(explain.METHODS)) + sorted(
-        set(composites) - set(explain.COMPOSITES)
-    )
-    if bad:
-        raise ValueError(
-            f"unknown method or composite {bad[0]!r}; methods: "
-            f"{sorted(explain.METHODS)}, composites: {sorted(explain.COMPOSITES)}"
-        )
-    out = Path(out) if out else Path(run_dir) / "evaluation"
-    model, params, _ = checkpoint.load_params(run_dir)
-    images, labels = load_dataset(
-        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
-    )
-    x = model.preprocess(images[:n])
-    target = jnp.argmax(models.explained(model, params)(x), axis=1).astype(jnp.int32)
-    mesh = parallel.default_mesh()
-    if mesh is not None:  # every jitted call below follows its inputs: batch split, params copied
-        if n % mesh.size or n_randomization % mesh.size:
-            raise ValueError(
-                f"--n {n} and --n-randomization {n_randomization} must be multiples of the "
-                f"{mesh.size} devices"
-            )
-        x, target = (parallel.make_global(a, parallel.batch_sharding(mesh)) for a in (x, target))
-        params = parallel.replicate(params, mesh)
-    xr, tr = x[:n_randomization], target[:n_randomization]
-    flip = functools.partial(evaluate.pixel_flipping, model, patch=patch, n_steps=n_steps)
-    flip = jax.jit(flip, static_argnames=("order",))
-    faith = jax.jit(functools.partial(evaluate.faithfulness_correlation, model))
-
-    rand_curves = flip(params, x, target, jnp.zeros(x.shape[:3]), order="random")
-    random_summary = evaluate.summarize_curves(rand_curves)
-    band = np.percentile(np.asarray(rand_curves["prob"]), [10, 90], axis=0)
-    random_faith = float(
-        faith(params, x, target, evaluate.random_attribution(x, jax.random.key(5))).mean()
-    )
-
-    entries = evaluation_entries(methods, composites)
-    rows, curves, cascades, layers = [], {}, {}, None
-    bar = tqdm(entries.items(), desc="evaluating", disable=not progress)
-    for label, (name, options) in bar:
-        bar.set_postfix_str(label)
-        fn = jax.jit(attribution_fn(name, model, **options))
-        compiled = fn.lower(params, x, target).compile()
-        t0 = time.perf_counter()
-        attr = jax.block_until_ready(compiled(params, x, target))
-        ms = 1000 * (time.perf_counter() - t0) / n
-        morf = flip(params, x, target, attr, order="morf")
-        lerf = flip(params, x, target, attr, order="lerf")
-        curves[label] = {
-            "morf": evaluate.summarize_curves(morf),
-            "lerf": evaluate.summarize_curves(lerf),
-        }
-        corr = float(faith(params, x, target, attr).mean())
-        cascade = evaluate.randomization_cascade(model, params, xr, tr, fn)
-        layers = cascade["layers"]
-        cascades[label] = np.asarray(cascade["attributions"][:, 0])
-        if name == "lrp":
-            conservation = float(evaluate.conservation_error(model, params, x, target, attr).mean())
-        elif name == "integrated_gradients":
-            # completeness of the attribution already computed: f(x) − f(x0) − Σ IG
-            f = target_logit(models.explained(model, params), target)
-            black = jnp.asarray(models.dataset_options(model)["baseline"], x.dtype)
-            delta = f(x) - f(jnp.broadcast_to(black, x.shape))
-            gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
-            conservation = float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
-        else:
-            conservation = None
-        rows.append(
-            {
-                "method": label,
-                "morf_aopc": curves[label]["morf"]["aopc"],
-                "lerf_aopc": curves[label]["lerf"]["aopc"],
-                "faithfulness_corr": corr,
-                "randomization_similarity": float(cascade["similarity"][-1].mean()),
-                "randomization_by_layer": [float(s) for s in cascade["similarity"].mean(1)],
-                "conservation_error": conservation,
-                "sparseness": float(evaluate.sparseness(attr).mean()),
-                "ms_per_image": ms,
-            }
-        )
-    results = {
-        "n": n,
-        "n_randomization": n_randomization,
-        "patch": patch,
-        "n_steps": n_steps,
-        "random_morf_aopc": random_summary["aopc"],
-        "random_faithfulness_corr": random_faith,
-        "cascade_layers": layers,
-        "rows": rows,
-        "seconds": time.perf_counter() - started,
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-    }
-    atomic_write_json(out / "evaluation.json", results)
-    atomic_write_bytes(out / "evaluation.csv", _csv(rows).encode())
-    atomic_write_bytes(out / "evaluation.md", evaluation_markdown(results).encode())
-    plot.save(plot.flipping_curves(curves, random_summary, band), out / "flipping_curves.png")
-    plot.save(
-        plot.randomization_cascade(
-            np.asarray(to_pixels(xr[:1], model.dataset))[0], cascades, layers, SIGNED
-        ),
-        out / "randomization.png",
-    )
-    return results
-
-
-COLUMNS = [
-    "method",
-    "morf_aopc",
-    "lerf_aopc",
-    "faithfulness_corr",
-    "randomization_similarity",
-    "conservation_error",
-    "sparseness",
-    "ms_per_image",
-]
-
-
-def _fmt(value) -> str:
-    return "—" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
-
-
-def _csv(rows) -> str:
-    lines = [",".join(COLUMNS)]
-    lines += [",".join("" if r[c] is None else str(r[c]) for c in COLUMNS) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def evaluation_markdown(results: dict) -> str:
-    """The evaluation table in Markdown."""
-    head = (
-        "| method | MoRF AOPC ↑ | LeRF AOPC ↓ | faithfulness corr. ↑ | randomization sim. ↓ "
-        "| conservation err. | sparseness (Gini) | ms / image |"
-    )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results["rows"]:
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
-    lines.append(
-        f"| random order / random attribution | {results['random_morf_aopc']:.3f} | "
-        f"{results['random_morf_aopc']:.3f} | {results['random_faithfulness_corr']:.3f} "
-        "| | | | |"
-    )
-    return "\n".join(lines) + "\n"
+    title = f"Relevance of {layer}'s feature maps, {view.describe(0, False)}, ranked"
+    return plot.feature_map_relevance(np.asarray(rels[layer][0]), view.pixels[0], title)

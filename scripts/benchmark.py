@@ -25,12 +25,13 @@ import numpy as np  # noqa: E402
 
 from lenet_jax import cli, explain  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
+from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
 from lenet_jax.explain.common import chunked_map  # noqa: E402
 from lenet_jax.io import write_report  # noqa: E402
 from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
-from lenet_jax.report import EVAL_OPTIONS, attribution_fn  # noqa: E402
+from lenet_jax.report import attribution_fn  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     TrainConfig,
     create_train_state,

@@ -2,7 +2,7 @@
 
 Scores every method and LRP composite (pixel flipping MoRF/LeRF, faithfulness correlation,
 randomization sanity check, conservation, sparseness, runtime) and writes a Markdown and CSV table
-and two figures. Logic: ``lenet_jax.report.evaluate_run`` and ``lenet_jax.evaluate``.
+and two figures. Logic: ``lenet_jax.evaluation_report.evaluate_run`` and ``lenet_jax.evaluate``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from lenet_jax.report import evaluate_run, evaluation_markdown
+    from lenet_jax.evaluation_report import evaluate_run, evaluation_markdown
 
     run = cli.resolve_run(p, args.run)
     with cli.one_line_errors(p):

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lenet_jax import cli  # noqa: E402
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
         "--n",
         type=cli.positive_int,
         default=16,
-        help="number of test images (the first ones; for all, a quarter misclassified)",
+        help="number of test images, at most 64 (the first ones; for all, a quarter misclassified)",
     )
     which.add_argument(
         "--indices", type=cli.index_list, default=None, help="these test images, e.g. 0,7,42"
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
         "--out",
         type=Path,
         default=None,
-        help="PNG path (default RUN/explain_<method>.png); the .npz goes beside it",
+        help="PNG path (default: in RUN, named after the method, options and inputs, e.g. "
+        "explain_lrp_epsilon_plus_flat_first16.png); the .npz goes beside it",
     )
     p.add_argument(
         "--option",
@@ -97,7 +100,17 @@ def main(argv=None) -> int:
         )
     for path in written.values():
         print(f"wrote {path}")
+    if args.image:
+        saved = np.load(written["npz"])
+        probs = softmax(saved["logits"])
+        for name, p in zip(saved["files"], probs, strict=True):
+            print(f"{name}: predicted {saved['classes'][p.argmax()]} (probability {p.max():.3f})")
     return 0
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 if __name__ == "__main__":

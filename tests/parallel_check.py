@@ -73,13 +73,14 @@ def main():
     lrp_shards = len(parallel.shard_batch(np.asarray(x), mesh)[0].sharding.device_set)
 
     with tempfile.TemporaryDirectory() as tmp:
+        import lenet_jax.evaluation_report as evaluation_report
         import lenet_jax.experiment as experiment
         import lenet_jax.report as report
 
         def fake_load(name, split, **kw):
             return (images, labels) if split == "train" else (images[:100], labels[:100])
 
-        experiment.load_dataset = report.load_dataset = fake_load
+        experiment.load_dataset = evaluation_report.load_dataset = fake_load
         metrics = train_and_evaluate(
             model, config, Path(tmp) / "run", figures=False, progress=False
         )
@@ -88,7 +89,7 @@ def main():
         meshes = (("sharded", parallel.default_mesh()), ("single", None))
         for name, mesh in meshes if sys.argv[1] == "python" else ():  # once is enough
             parallel.default_mesh = lambda mesh=mesh: mesh
-            results = report.evaluate_run(
+            results = evaluation_report.evaluate_run(
                 Path(tmp) / "run",
                 methods=["saliency", "lrp"],
                 composites=["epsilon"],

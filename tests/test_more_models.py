@@ -13,10 +13,11 @@ from test_datasets import cifar_tarball
 from lenet_jax import data, explain
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import normalized_range
+from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.experiment import train_and_evaluate
 from lenet_jax.models import CNN, MiniVGG, dataset_options, explained
 from lenet_jax.recipes import RECIPES, recipe
-from lenet_jax.report import evaluate_run, explain_run
+from lenet_jax.report import explain_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

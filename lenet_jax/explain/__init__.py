@@ -7,6 +7,10 @@ over its parameters — and ``target`` is ``None`` (the predicted class), an int
 ``[B]``. Pixel methods return ``x.shape``; CAMs return ``[B, H, W]``. All are pure functions of
 ``x``: ``jax.jit`` and ``jax.vmap`` compose with them, e.g.
 ``jax.jit(lambda v, x: lrp(partial(model.apply, v), x))``.
+
+Bad input: called eagerly, every method raises a one-line ``ValueError`` for an empty batch, an input
+holding NaN or inf, and a target outside ``[0, K)``. Under ``jax.jit`` values cannot be checked: the
+map of a sample with a non-finite input or an out-of-range target is NaN (never a plausible map).
 """
 
 import inspect
@@ -45,6 +49,18 @@ METHODS = {
 }
 # Methods whose output is a [B, H, W] map rather than x.shape.
 CAM_METHODS = ("grad_cam", "score_cam")
+# Whether a method's map is signed (evidence for and against the class, drawn red and blue) or
+# non-negative (an importance, drawn in one colour).
+SIGNED = {
+    "lrp": True,
+    "saliency": False,
+    "gradient_x_input": True,
+    "smoothgrad": True,
+    "integrated_gradients": True,
+    "grad_cam": False,
+    "score_cam": False,
+    "occlusion": True,
+}
 
 
 def method_options(name: str) -> dict:
@@ -72,6 +88,7 @@ __all__ = [
     "Composite",
     "METHODS",
     "RULES",
+    "SIGNED",
     "attribute",
     "composite_rules",
     "conservation",

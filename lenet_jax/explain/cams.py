@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.explain import engine
-from lenet_jax.explain.common import chunked_map, prepare
+from lenet_jax.explain.common import attribution_method, chunked_map, prepare
 from lenet_jax.explain.graph import evaluate, trace
 
 
@@ -88,6 +88,7 @@ def _normalize(cam_BHW):
     return jnp.where(hi > lo, (cam_BHW - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
 
 
+@attribution_method
 def grad_cam(
     f,
     x,
@@ -119,6 +120,7 @@ def grad_cam(
     return _normalize(cam) if normalize else cam
 
 
+@attribution_method
 def score_cam(
     f,
     x,

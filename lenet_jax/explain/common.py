@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -10,12 +11,23 @@ import numpy as np
 
 
 def check_batch(x) -> None:
-    """Raises ``ValueError`` unless ``x`` is a float array with a batch axis."""
+    """Raises ``ValueError`` unless ``x`` is a non-empty float array with a batch axis and, when its
+    values are known (outside ``jax.jit``), finite: a NaN or inf input would make that sample's map
+    NaN without a word. Under ``jit`` the values cannot be checked and such a sample's map is NaN."""
     if getattr(x, "ndim", 0) < 2:
         shape = getattr(x, "shape", type(x).__name__)
         raise ValueError(f"expected a batch of inputs [B, ...] (e.g. NHWC images), got {shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"expected a float input (normalized pixels), got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: x has shape {tuple(x.shape)}, nothing to explain")
+    if not isinstance(x, jax.core.Tracer):
+        bad = ~np.isfinite(np.asarray(x)).reshape(x.shape[0], -1).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"x holds NaN or inf values in {int(bad.sum())} sample(s), the first at index "
+                f"{int(np.argmax(bad))}; their explanations would be NaN"
+            )
 
 
 def resolve_target(target, logits_BK):
@@ -63,6 +75,31 @@ def target_logit(f: Callable, target_B) -> Callable:
         return jnp.take_along_axis(f(x), target_B[:, None], axis=1)[:, 0]
 
     return score
+
+
+def attribution_method(method: Callable) -> Callable:
+    """Makes ``method(f, x, target=None, **options)`` return NaN maps for out-of-range targets.
+
+    Outside ``jax.jit`` a target outside ``[0, K)`` is a ``ValueError`` (``resolve_target``). Under
+    ``jit`` it cannot be checked, and a method would quietly explain nothing (all zeros) or, for
+    Score-CAM, return a plausible-looking map; so every output of such a sample is set to NaN.
+    """
+
+    @functools.wraps(method)
+    def run(f, x, target=None, **options):
+        out = method(f, x, target, **options)
+        if target is None or not isinstance(target, jax.core.Tracer):
+            return out
+        t = jnp.asarray(target)
+        k = jax.eval_shape(f, x).shape[-1]
+        valid = jnp.broadcast_to((t >= 0) & (t < k), (x.shape[0],))
+
+        def mask(a):
+            return jnp.where(valid.reshape(-1, *[1] * (a.ndim - 1)), a, jnp.nan)
+
+        return jax.tree_util.tree_map(mask, out)
+
+    return run
 
 
 def chunked_map(fn, xs, chunk_size: int | None):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax.explain.common import chunked_map, prepare, target_logit
+from lenet_jax.explain.common import attribution_method, chunked_map, prepare, target_logit
 
 
 def _grad_of_target(f, x, target_B):
@@ -20,6 +20,7 @@ def _grad_of_target(f, x, target_B):
     return jax.grad(lambda v: jnp.sum(score(v)))(x)
 
 
+@attribution_method
 def saliency(f, x, target=None, *, absolute: bool = True):
     """Gradient of the target logit w.r.t. the input (Simonyan et al., 2014).
 
@@ -34,12 +35,14 @@ def saliency(f, x, target=None, *, absolute: bool = True):
     return jnp.abs(g) if absolute else g
 
 
+@attribution_method
 def gradient_x_input(f, x, target=None):
     """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``."""
     t = prepare(f, x, target)
     return x * _grad_of_target(f, x, t)
 
 
+@attribution_method
 def smoothgrad(
     f,
     x,
@@ -147,6 +150,7 @@ def _flat_grad(f, xs_BN, target_B):
     return _grad_of_target(f, flat, jnp.repeat(target_B, n)).reshape(xs_BN.shape)
 
 
+@attribution_method
 def integrated_gradients(
     f,
     x,
@@ -217,6 +221,7 @@ def _quadrature(method: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(n) + offsets[method]) / n, np.full(n, 1.0 / n)
 
 
+@attribution_method
 def occlusion(
     f,
     x,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lenet_jax.explain import engine
 from lenet_jax.explain import rules as R
-from lenet_jax.explain.common import check_batch, chunked_map, resolve_target
+from lenet_jax.explain.common import attribution_method, check_batch, chunked_map, resolve_target
 from lenet_jax.explain.graph import evaluate, trace
 
 
@@ -123,6 +123,7 @@ def layer_names(f: Callable, x) -> list[str]:
     return [node.name for node in engine.plan(trace(f, x)).linear]
 
 
+@attribution_method
 def lrp_layerwise(
     f: Callable,
     x,
@@ -163,6 +164,7 @@ def lrp_layerwise(
     return out
 
 
+@attribution_method
 def lrp(
     f: Callable,
     x,
@@ -206,8 +208,8 @@ def lrp(
       Relevance of ``x.shape``. The output relevance is ``one_hot(target) * logit``, so with
       ε → 0 and zero biases the relevance of each sample sums to its target logit.
 
-    Under ``jax.jit`` a target outside ``[0, K)`` cannot be checked; it seeds no relevance and the
-    map is all zeros.
+    Under ``jax.jit`` a target outside ``[0, K)`` cannot be checked, and that sample's map is NaN
+    (``common.attribution_method``), as is the map of an input holding NaN or inf.
     """
     kwargs = dict(
         composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer

@@ -1,0 +1,352 @@
+"""Reliability: one writer per run folder, output checked before any work, no half-written file,
+metadata that cannot be edited silently, and one-line errors for inputs that would make a map quietly
+wrong. Faults are injected (a held lock, a failing write, an edited JSON), and every test checks what
+the folder holds afterwards."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lenet_jax import checkpoint, cli, experiment, explain, io
+from lenet_jax.evaluation_report import evaluate_run
+from lenet_jax.experiment import train_and_evaluate
+from lenet_jax.models import LeNet5, explained, init_params
+from lenet_jax.report import explain_run
+from lenet_jax.train import TrainConfig, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = TrainConfig(epochs=2, batch_size=64)
+
+
+def run_script(name, *args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def train(run, **kwargs):
+    return train_and_evaluate(
+        LeNet5(), CONFIG, run, train_limit=128, figures=False, progress=False, **kwargs
+    )
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def no_data(*args, **kwargs):
+    raise AssertionError("the dataset was loaded before the output location was checked")
+
+
+# ----------------------------------------------------------------------------- 1. one writer
+
+
+def test_a_second_writer_gets_one_line_naming_the_holder_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    with io.locked_folder(run):
+        r = run_script("train.py", "--out", run, "--train-limit", 64, "--epochs", 1)
+        assert files(run) == [".lock"]
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == (
+        f"train.py: error: {run} is in use by process {os.getpid()} on {os.uname().nodename} "
+        f"since {r.stderr.split(' since ')[1].split(';')[0]}; wait for it to finish or choose "
+        "another --out"
+    )
+    assert not run.exists()  # the holder created the folder and released it empty
+
+
+def test_the_lock_of_a_killed_process_does_not_block_the_next_run(tmp_path, mnist):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys, time
+                from lenet_jax import io
+                with io.locked_folder({str(run)!r}):
+                    print("locked", flush=True)
+                    time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(io.OutputError, match=rf"in use by process {holder.pid} "):
+        train(run)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (run / ".lock").exists()  # left behind by kill -9, but no longer locked
+    metrics = train(run)
+    assert metrics["history"][-1]["epoch"] == 2
+    assert files(run) == [
+        "checkpoints/epoch_001.json",
+        "checkpoints/epoch_001.msgpack",
+        "checkpoints/epoch_002.json",
+        "checkpoints/epoch_002.msgpack",
+        "metrics.json",
+    ]
+
+
+# ----------------------------------------------------------------------------- 2. output checked
+
+
+def test_an_out_that_is_a_file_or_unwritable_is_refused_before_any_work(tmp_path, monkeypatch):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    r = run_script("train.py", "--out", taken, "--train-limit", 64, "--epochs", 1)
+    assert r.returncode == 1 and "Epoch" not in r.stdout
+    assert r.stderr.strip() == f"train.py: error: --out {taken} is a file, not a folder"
+    r = run_script("train.py", "--data-dir", taken, "--out", tmp_path / "r", "--epochs", 1)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"train.py: error: the data folder {taken} is a file, not a folder"
+    assert not (tmp_path / "r").exists()
+    r = run_script("explain.py", "--run", taken)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"explain.py: error: --run {taken} is a file; name the run's folder"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(io.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(experiment, "load_dataset", no_data)
+    with pytest.raises(io.OutputError) as info:
+        train(tmp_path / "ro")
+    assert str(info.value) == f"cannot write into --out {tmp_path / 'ro'}: Read-only file system"
+
+
+def test_explain_into_an_unwritable_folder_fails_before_computing(tiny_run, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(io.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(checkpoint, "load_params", no_data)
+    with pytest.raises(
+        io.OutputError, match=r"^cannot write into --out .*: Read-only file system$"
+    ):
+        explain_run(tiny_run, "lrp", n=2, out=tmp_path / "ro" / "x.png")
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_cleans_up(tmp_path, mnist, monkeypatch):
+    run = tmp_path / "run"
+    real_replace = os.replace
+
+    def disk_full_at_epoch_2(src, dst):
+        if str(dst).endswith("epoch_002.msgpack"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", disk_full_at_epoch_2)
+    with pytest.raises(io.OutputError) as info:
+        train(run)
+    message = (
+        f"could not write {run / 'checkpoints' / 'epoch_002.msgpack'}: No space left on device"
+    )
+    assert str(info.value) == message
+    with pytest.raises(SystemExit):  # the command line prints exactly that line
+        with cli.one_line_errors(_Parser()):
+            raise info.value
+    assert _Parser.said == f"train.py: error: {message}\n"
+    # epoch 1 is whole; nothing of epoch 2 stays, not even its temporary file
+    assert files(run) == ["checkpoints/epoch_001.json", "checkpoints/epoch_001.msgpack"]
+
+    # what a kill -9 during a checkpoint write leaves: a temporary file, a state without its JSON
+    (run / "checkpoints" / ".epoch_002.msgpack.k3j1.tmp").write_bytes(b"partial")
+    (run / "checkpoints" / "epoch_002.msgpack").write_bytes(b"uncommitted")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    train(run, resume=True)
+    assert files(run) == [
+        "checkpoints/epoch_001.json",
+        "checkpoints/epoch_001.msgpack",
+        "checkpoints/epoch_002.json",
+        "checkpoints/epoch_002.msgpack",
+        "metrics.json",
+    ]
+
+
+class _Parser:
+    """Just enough of an ``argparse.ArgumentParser`` for ``cli.one_line_errors``."""
+
+    prog = "train.py"
+    said = ""
+
+    def exit(self, status, message):
+        _Parser.said = message
+        raise SystemExit(status)
+
+
+# ----------------------------------------------------------------------------- 3. metadata
+
+
+@pytest.fixture
+def copied_run(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    return run
+
+
+def _edit(run: Path, change) -> Path:
+    path = run / "checkpoints" / "epoch_001.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def test_an_edited_checkpoint_json_is_refused_in_one_line(copied_run):
+    path = _edit(copied_run, lambda m: m["config"].update(lr=0.5))
+    message = (
+        f"{path} was changed after it was written (its checksum does not match); restore it, "
+        "or delete it to use the previous epoch"
+    )
+    r = run_script("train.py", "--out", copied_run, "--resume")
+    assert r.returncode == 1 and r.stderr.strip() == f"train.py: error: {message}"
+    r = run_script("explain.py", "--run", copied_run, "--n", 2)
+    assert r.returncode == 1 and r.stderr.strip() == f"explain.py: error: {message}"
+    assert not list(copied_run.glob("explain_*"))
+
+
+def test_a_json_naming_another_model_is_refused_even_without_a_checksum(copied_run):
+    def other_model(meta):
+        meta["model"]["activation"] = "relu"  # same shapes: only the checksum can tell
+        del meta["checksum"]
+
+    _edit(copied_run, other_model)
+    checkpoint.load_params(copied_run)  # an unchecked JSON of the same shapes still loads
+
+    def other_shapes(meta):
+        meta["model"] = {"name": "cnn"}
+
+    _edit(copied_run, other_shapes)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_params(copied_run)
+    assert str(info.value) == (
+        f"{copied_run}: the weights do not fit cnn(dataset='mnist', num_classes=10) named in the "
+        "checkpoint's JSON; it was edited or comes from another run"
+    )
+
+
+# ----------------------------------------------------------------------------- 4. inputs
+
+OPTIONS = {
+    "smoothgrad": dict(n_samples=4),
+    "integrated_gradients": dict(n_steps=4),
+    "occlusion": dict(window=8, stride=8),
+}
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    model = LeNet5()
+    return explained(model, init_params(model, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("name", list(explain.METHODS))
+def test_bad_inputs_are_errors_eagerly_and_nan_under_jit(name, model_fn):
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 1), jnp.float32)
+    nan_x = x.at[1, 5, 5, 0].set(jnp.nan)
+    options = OPTIONS.get(name, {})
+
+    def method(v, t=None):
+        return explain.attribute(name, model_fn, v, t, **options)
+
+    with pytest.raises(ValueError) as info:
+        method(nan_x)
+    assert str(info.value) == (
+        "x holds NaN or inf values in 1 sample(s), the first at index 1; their explanations "
+        "would be NaN"
+    )
+    with pytest.raises(ValueError, match=r"^empty batch: x has shape \(0, 32, 32, 1\)"):
+        method(x[:0])
+    with pytest.raises(ValueError, match=r"^target 10 out of range: the model has classes 0..9$"):
+        method(x, 10)
+    # under jit nothing can be checked: the samples with a bad input or target get NaN maps
+    maps = np.asarray(jax.jit(method)(x, jnp.array([3, 10, -1]))).reshape(3, -1)
+    np.testing.assert_array_equal(np.isnan(maps).all(1), [False, True, True])
+    assert np.isfinite(maps[0]).all()
+    maps = np.asarray(jax.jit(method)(nan_x)).reshape(3, -1)
+    np.testing.assert_array_equal(np.isnan(maps).all(1), [False, True, False])
+
+
+# ----------------------------------------------------------------------------- 5. command lines
+
+
+def test_explain_bounds_the_number_of_images_before_any_work(tiny_run, tmp_path):
+    r = run_script("explain.py", "--run", tiny_run, "--n", 100000, "--out", tmp_path / "x.png")
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "explain.py: error: 100000 images asked for, but a figure shows at most 64; explain "
+        "fewer (or use scripts/evaluate.py to score many)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_with_no_method_writes_nothing(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    r = run_script("evaluate.py", "--run", tiny_run, "--methods", ",", "--out", out)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "evaluate.py: error: nothing to evaluate: name at least one method (and, for lrp, one "
+        "composite), or all"
+    )
+    assert not out.exists()
+
+
+def test_evaluate_records_how_many_images_it_evaluated(tiny_run, tmp_path, monkeypatch, mnist):
+    import lenet_jax.evaluation_report as evaluation_report
+
+    images, labels = mnist["test"]
+    monkeypatch.setattr(
+        evaluation_report, "load_dataset", lambda *a, **k: (images[:12], labels[:12])
+    )
+    results = evaluate_run(
+        tiny_run,
+        methods=["saliency"],
+        n=20000,
+        n_randomization=100,
+        out=tmp_path / "eval",
+        progress=False,
+    )
+    assert results["n"] == 12 and results["n_randomization"] == 12
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["n"] == 12
+    assert files(tmp_path / "eval") == [
+        "evaluation.csv",
+        "evaluation.json",
+        "evaluation.md",
+        "flipping_curves.png",
+        "randomization.png",
+    ]
+
+
+def test_nan_in_the_first_epoch_promises_no_checkpoint_and_leaves_no_folder(
+    tmp_path, mnist, monkeypatch
+):
+    real_epoch = experiment.train_epoch
+
+    def nan_at_once(state, *args, **kwargs):
+        state, sums = real_epoch(state, *args, **kwargs)
+        return state, {**sums, "loss_sum": sums["loss_sum"] * jnp.nan}
+
+    monkeypatch.setattr(experiment, "train_epoch", nan_at_once)
+    with pytest.raises(TrainingDiverged) as info:
+        train(tmp_path / "run")
+    assert str(info.value) == (
+        "training loss became nan in epoch 1; no checkpoint was written; try a lower --lr"
+    )
+    assert not (tmp_path / "run").exists()
