@@ -10,6 +10,7 @@ Other datasets are resized to their image size.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -33,8 +34,21 @@ def read_image(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     Raises:
       ValueError: a missing or unreadable file, or (gray datasets) a blank image.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such image file: {path}")
+    return as_dataset_image(_read_rgb(path, f"image {path}"), dataset, f"image {path}")
+
+
+def decode_image(data: bytes, dataset: str = "mnist") -> np.ndarray:
+    """``read_image`` of a picture's bytes (e.g. an uploaded PNG)."""
+    return as_dataset_image(_read_rgb(io.BytesIO(data), "the picture"), dataset, "the picture")
+
+
+def as_dataset_image(rgb, dataset: str = "mnist", what: str = "the picture") -> np.ndarray:
+    """An RGB picture ``[H, W, 3]`` (floats in [0, 1]) made into a uint8 image of ``dataset`` as
+    ``read_image`` describes: gray, light on dark, laid out as an MNIST digit (for MNIST)."""
     ds = get_dataset(dataset)
-    rgb = _read_rgb(Path(path))  # float [H, W, 3] in [0, 1]
     if ds.channels == 3:
         return _to_uint8(_resize(rgb, ds.image_shape[:2]))
     gray = rgb @ _LUMA
@@ -42,7 +56,7 @@ def read_image(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     if border.mean() > 0.5:  # dark ink on a light background -> light on dark, as the dataset
         gray = 1.0 - gray
     if gray.max() - gray.min() < 1e-3:
-        raise ValueError(f"image {path} is blank (one flat color)")
+        raise ValueError(f"{what} is blank (one flat color)")
     if ds.name == "mnist":
         gray = mnist_layout(gray)
     else:
@@ -85,22 +99,20 @@ def mnist_layout(gray, size: int = 28, box: int = MNIST_BOX) -> np.ndarray:
     return field
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def _read_rgb(source, what: str) -> np.ndarray:
     import matplotlib.image
 
-    if not path.is_file():
-        raise ValueError(f"no such image file: {path}")
     try:
-        img = np.asarray(matplotlib.image.imread(path))
+        img = np.asarray(matplotlib.image.imread(source))
     except Exception as e:  # Pillow and matplotlib raise several kinds for a non-image
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read {what}: {type(e).__name__}: {e}") from None
     if np.issubdtype(img.dtype, np.integer):
         img = img / np.iinfo(img.dtype).max
     img = img.astype(np.float64)
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"cannot read image {path}: unexpected shape {img.shape}")
+        raise ValueError(f"cannot read {what}: unexpected shape {img.shape}")
     if img.shape[-1] in (2, 4):  # with alpha: composite onto white
         color, alpha = img[..., :-1], img[..., -1:]
         img = color * alpha + (1.0 - alpha)

@@ -1,0 +1,47 @@
+"""Explore a trained run in the browser: ``python scripts/serve.py [--run RUN] [--port 8000]``.
+
+Starts a local web server with one page: draw a digit (or pick a test digit, or upload a picture)
+and watch the class probabilities and every explanation change as you draw. Needs the ``serve``
+extra (``pip install -e ".[serve]"``). Logic: ``lenet_jax.serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lenet_jax import cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    p.add_argument("--port", type=cli.positive_int, default=8000, help="port to listen on")
+    cli.add_data_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        import uvicorn
+
+        from lenet_jax.serve.app import create_app
+        from lenet_jax.serve.explorer import Explorer
+    except ImportError as e:
+        p.exit(1, f"{p.prog}: error: {e.name} is missing; install it: pip install -e '.[serve]'\n")
+
+    run = cli.resolve_run(p, args.run)
+    with cli.one_line_errors(p):
+        explorer = Explorer(run, data_dir=args.data_dir, data_source=args.data_source)
+    print(f"Explorer of {run} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    uvicorn.run(create_app(explorer), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
