@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, io, parallel
+from lenet_jax.augment import make_augment
 from lenet_jax.data import get_dataset, load_dataset
 from lenet_jax.io import atomic_write_json
 from lenet_jax.models import (
@@ -24,14 +25,13 @@ from lenet_jax.models import (
     init_params,
     model_config,
 )
+from lenet_jax.predict import classification_report, predict
 from lenet_jax.train import (
+    Step,
     TrainConfig,
     TrainingDiverged,
-    classification_report,
     create_train_state,
-    make_augment,
     make_optimizer,
-    predict,
     summarize,
     train_epoch,
 )
@@ -108,9 +108,11 @@ def train_and_evaluate(
         run = _Run(model, config, data, mesh, run_dir, progress)
         state, history, start = _initial_state(run, found)
         meta = _run_metadata(run, state, train_limit)
-        epoch_fns: dict = {}  # the jitted step (or epoch), compiled in the first epoch
+        step = Step(  # compiled in the first epoch
+            config.label_smoothing, model.preprocess, make_augment(config, model.dataset), mesh
+        )
         for epoch in range(start, config.epochs + 1):
-            state, entry, report = _train_one_epoch(run, state, epoch, epoch_fns)
+            state, entry, report = _train_one_epoch(run, state, epoch, step)
             history.append(entry)
             metadata = {**meta, "epoch": epoch, "step": int(state.step), "history": history}
             checkpoint.save_checkpoint(run_dir, state, {**metadata, "test": report})
@@ -223,7 +225,7 @@ def _run_metadata(run: _Run, state, train_limit) -> dict[str, Any]:
     }
 
 
-def _train_one_epoch(run: _Run, state, epoch: int, fns: dict):
+def _train_one_epoch(run: _Run, state, epoch: int, step: Step):
     """``(state, history_entry, test_report)`` after training epoch ``epoch`` and testing.
 
     Raises:
@@ -252,13 +254,9 @@ def _train_one_epoch(run: _Run, state, epoch: int, fns: dict):
         epoch=epoch,
         data_key=_keys(config)[2],
         batch_size=config.batch_size,
+        step=step,
         loop=config.loop,
-        fns=fns,
         progress=on_progress,
-        label_smoothing=config.label_smoothing,
-        preprocess=run.model.preprocess,
-        augment=make_augment(config, run.data.dataset.name),
-        mesh=run.mesh,
     )
     train = summarize(sums)
     seconds = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from lenet_jax.data import get_dataset, load_dataset, to_pixels
 from lenet_jax.explain.common import check_batch
 from lenet_jax.image_files import read_images
 from lenet_jax.io import atomic_savez, writable_folder
-from lenet_jax.train import predict
+from lenet_jax.predict import predict
 
 # A figure shows one row per image: more is unreadable, and slow to draw.
 MAX_FIGURE_IMAGES = 64

@@ -1,4 +1,4 @@
-"""Model-free training: the train state, one jitted step, epochs per backend, evaluation.
+"""Model-free training: the train state, the optimizer, one jitted step, epochs per backend.
 
 On CPU the jitted step is dispatched from a Python loop; on GPU/TPU a whole epoch runs as one jitted
 ``lax.scan`` with the dataset resident on the device (XLA's CPU backend runs the scanned epoch several
@@ -9,6 +9,7 @@ preprocessing happen on the device either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,6 @@ import optax
 from flax.training import train_state
 
 from lenet_jax import parallel
-from lenet_jax.data import normalized_range
 from lenet_jax.data import preprocess as mnist_preprocess
 
 
@@ -149,60 +149,6 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- the step
 
 
-def affine(x_BHWC, angle_B, shift_B2, fill):
-    """Rotates each image by ``angle_B`` radians (clockwise on screen, about its center), then moves it
-    by ``shift_B2`` pixels (rows down, columns right), with bilinear interpolation.
-
-    Pixels that come from outside the image take the value ``fill`` (scalar or ``[C]``).
-    """
-    b, h, w, c = x_BHWC.shape
-    rows, cols = jnp.meshgrid(
-        jnp.arange(h, dtype=x_BHWC.dtype) - (h - 1) / 2,
-        jnp.arange(w, dtype=x_BHWC.dtype) - (w - 1) / 2,
-        indexing="ij",
-    )
-    cos, sin = jnp.cos(angle_B)[:, None, None], jnp.sin(angle_B)[:, None, None]
-    # the inverse map: where in the source image each output pixel comes from
-    dr = rows[None] - shift_B2[:, 0, None, None]
-    dc = cols[None] - shift_B2[:, 1, None, None]
-    src_r = cos * dr - sin * dc + (h - 1) / 2
-    src_c = sin * dr + cos * dc + (w - 1) / 2
-    fill = jnp.broadcast_to(jnp.asarray(fill, x_BHWC.dtype), (c,))
-
-    def one(img_HWC, r, q):
-        def channel(img_HW, f):
-            return jax.scipy.ndimage.map_coordinates(img_HW - f, [r, q], order=1, cval=0.0) + f
-
-        return jax.vmap(channel, in_axes=(2, 0), out_axes=2)(img_HWC, fill)
-
-    return jax.vmap(one)(x_BHWC, src_r, src_c)
-
-
-def random_affine(key: jax.Array, x_BHWC, *, max_shift: float, max_rotate: float, fill):
-    """``affine`` with one random draw per image: an angle uniform in ``±max_rotate`` degrees and a
-    shift uniform in ``±max_shift`` pixels per axis."""
-    b = x_BHWC.shape[0]
-    k_angle, k_shift = jax.random.split(key)
-    angle = jax.random.uniform(k_angle, (b,), x_BHWC.dtype, -max_rotate, max_rotate)
-    shift = jax.random.uniform(k_shift, (b, 2), x_BHWC.dtype, -max_shift, max_shift)
-    return affine(x_BHWC, jnp.deg2rad(angle), shift, fill)
-
-
-def make_augment(config: TrainConfig, dataset: str = "mnist") -> Callable | None:
-    """``augment(key, images)`` for ``train_step`` from the config's augmentation settings (pixels
-    moved in from outside the image are the dataset's black), or ``None`` when both are 0."""
-    if not (config.augment_shift or config.augment_rotate):
-        return None
-    black = normalized_range(dataset)[0]
-
-    def augment(key, x):
-        return random_affine(
-            key, x, max_shift=config.augment_shift, max_rotate=config.augment_rotate, fill=black
-        )
-
-    return augment
-
-
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -268,64 +214,56 @@ def _zero_metrics():
     return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
 
 
-def make_step_fn(
-    label_smoothing: float = 0.0,
-    preprocess: Callable | None = None,
-    augment: Callable | None = None,
-    mesh=None,
-):
-    """The jitted CPU step: gathers batch ``i`` from device-resident data, steps, adds metrics.
+@dataclasses.dataclass(eq=False)
+class Step:
+    """How a batch is made and stepped: preprocessing, augmentation, label smoothing, devices.
 
-    Args:
+    Holds its jitted forms, compiled on first use: pass the same ``Step`` to every epoch.
+
+    Attributes:
       label_smoothing: smoothing of the one-hot targets.
       preprocess: uint8 images -> model inputs (``model.preprocess``); default MNIST for LeNet-5.
       augment: see ``train_step``.
       mesh: a ``lenet_jax.parallel.data_mesh``: the batch is split over its devices (data
         parallelism; pass the state and data replicated on it); ``None`` for one device.
-
-    Returns:
-      ``step(state, sums, images, labels, idx, weight, i) -> (state, sums)``; the state and the
-      running sums are donated.
     """
-    preprocess = preprocess or mnist_preprocess
 
-    def step(state, sums, images, labels, idx, weight, i):
-        batch = parallel.constrain_batch(
-            _gather(preprocess, images, labels, idx[i], weight[i]), mesh
-        )
-        state, metrics = train_step(state, batch, label_smoothing, augment)
+    label_smoothing: float = 0.0
+    preprocess: Callable | None = None
+    augment: Callable | None = None
+    mesh: Any = None
+
+    def accumulate(self, state, sums, images, labels, idx_B, weight_B):
+        """Gathers one batch from device-resident data, steps, and adds its metrics to ``sums``."""
+        preprocess = self.preprocess or mnist_preprocess
+        batch = _gather(preprocess, images, labels, idx_B, weight_B)
+        batch = parallel.constrain_batch(batch, self.mesh)
+        state, metrics = train_step(state, batch, self.label_smoothing, self.augment)
         return state, _add(sums, metrics)
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    @functools.cached_property
+    def python_step(self):
+        """The jitted CPU step ``(state, sums, images, labels, idx, weight, i) -> (state, sums)``
+        on batch ``i``; the state and the running sums are donated."""
 
+        def step(state, sums, images, labels, idx, weight, i):
+            return self.accumulate(state, sums, images, labels, idx[i], weight[i])
 
-def make_epoch_fn(
-    label_smoothing: float = 0.0,
-    preprocess: Callable | None = None,
-    augment: Callable | None = None,
-    mesh=None,
-):
-    """The jitted accelerator epoch: ``lax.scan`` of the step over all batches.
+        return jax.jit(step, donate_argnums=(0, 1))
 
-    Takes the arguments of ``make_step_fn``.
+    @functools.cached_property
+    def scan_epoch(self):
+        """The jitted accelerator epoch ``(state, images, labels, idx, weight) -> (state, sums)``:
+        ``lax.scan`` of the step over all batches; the state is donated."""
 
-    Returns:
-      ``epoch(state, images, labels, idx, weight) -> (state, sums)``.
-    """
+        def epoch(state, images, labels, idx, weight):
+            def body(carry, xs):
+                return self.accumulate(*carry, images, labels, *xs), None
 
-    preprocess = preprocess or mnist_preprocess
+            (state, sums), _ = jax.lax.scan(body, (state, _zero_metrics()), (idx, weight))
+            return state, sums
 
-    def epoch(state, images, labels, idx, weight):
-        def body(carry, xs):
-            state, sums = carry
-            batch = parallel.constrain_batch(_gather(preprocess, images, labels, *xs), mesh)
-            state, metrics = train_step(state, batch, label_smoothing, augment)
-            return (state, _add(sums, metrics)), None
-
-        (state, sums), _ = jax.lax.scan(body, (state, _zero_metrics()), (idx, weight))
-        return state, sums
-
-    return jax.jit(epoch, donate_argnums=(0,))
+        return jax.jit(epoch, donate_argnums=(0,))
 
 
 def resolve_loop(loop: str) -> str:
@@ -343,115 +281,46 @@ def train_epoch(
     epoch: int,
     data_key: jax.Array,
     batch_size: int,
+    step: Step | None = None,
     loop: str = "auto",
-    fns: dict[str, Callable] | None = None,
     progress: Callable[[int, dict], None] | None = None,
-    label_smoothing: float = 0.0,
-    preprocess: Callable | None = None,
-    augment: Callable | None = None,
-    mesh=None,
 ):
     """Trains one epoch over device-resident uint8 ``images [N, H, W(, C)]`` and ``labels [N]``.
 
     Args:
       state: the train state (donated: do not reuse the argument).
       epoch: the epoch number; with ``data_key`` it fixes the shuffling.
+      step: how batches are made and stepped (pass the same ``Step`` every epoch to compile once);
+        default ``Step()``. With its mesh, ``state``, ``images`` and ``labels`` live replicated on
+        it (``lenet_jax.parallel.replicate``).
       loop: ``"python"`` (dispatch the jitted step), ``"scan"`` (one jitted epoch) or ``"auto"``.
-      fns: cache for the jitted functions (pass the same dict every epoch to compile once).
       progress: called as ``progress(steps_done, running_sums)`` about every 50 steps.
-      label_smoothing, preprocess, augment, mesh: see ``make_step_fn``; with a mesh, ``state``,
-        ``images`` and ``labels`` live replicated on it (``lenet_jax.parallel.replicate``).
 
     Returns:
       ``(state, sums)`` with the summed metrics of the epoch.
     """
-    fns = {} if fns is None else fns
-    parallel.check_batch(batch_size, mesh)
+    step = Step() if step is None else step
+    parallel.check_batch(batch_size, step.mesh)
     idx, weight = epoch_batches(data_key, epoch, images.shape[0], batch_size)
-    if mesh is not None:
-        idx, weight = parallel.replicate((idx, weight), mesh)
+    if step.mesh is not None:
+        idx, weight = parallel.replicate((idx, weight), step.mesh)
     steps = idx.shape[0]
     if resolve_loop(loop) == "scan":
-        if "scan" not in fns:
-            fns["scan"] = make_epoch_fn(label_smoothing, preprocess, augment, mesh)
-        state, sums = fns["scan"](state, images, labels, idx, weight)
+        state, sums = step.scan_epoch(state, images, labels, idx, weight)
         if progress:
             progress(steps, sums)
         return state, sums
-    if "step" not in fns:
-        fns["step"] = make_step_fn(label_smoothing, preprocess, augment, mesh)
-    fn = fns["step"]
-    sums = _zero_metrics() if mesh is None else parallel.replicate(_zero_metrics(), mesh)
+    sums = _zero_metrics()
+    if step.mesh is not None:
+        sums = parallel.replicate(sums, step.mesh)
     # XLA's CPU devices are threads of one pool: with many sharded steps queued, the threads of one
     # step's all-reduce can wait behind the next steps' work until the rendezvous times out, so a
     # mesh on the CPU runs its steps one at a time.
-    sync = mesh is not None and jax.default_backend() == "cpu"
+    sync = step.mesh is not None and jax.default_backend() == "cpu"
     for i in range(steps):
-        state, sums = fn(state, sums, images, labels, idx, weight, i)
+        state, sums = step.python_step(state, sums, images, labels, idx, weight, i)
         if sync:
             jax.block_until_ready(sums)
         if progress and ((i + 1) % 50 == 0 or i + 1 == steps):
             progress(i + 1, sums)
     return state, sums
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def predict(model, params, images, batch_size: int = 1000, mesh=None):
-    """Logits for uint8 ``images`` of the model's dataset, in jitted batches of one shape.
-
-    With a ``mesh``, each batch is split over its devices.
-
-    Returns:
-      float32 ``[N, num_classes]`` numpy array.
-    """
-    apply = _jitted_apply(model)
-    n = images.shape[0]
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        pad = batch_size - chunk.shape[0] if n > batch_size else 0
-        if pad:
-            chunk = jnp.concatenate([chunk, jnp.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        logits = parallel.sharded_call(apply, mesh, params, chunk)
-        out.append(np.asarray(logits)[: chunk.shape[0] - pad])
-    return np.concatenate(out)
-
-
-_APPLY_CACHE: dict = {}
-
-
-def _jitted_apply(model):
-    if model not in _APPLY_CACHE:
-        fast = training_model(model)
-        _APPLY_CACHE[model] = jax.jit(
-            lambda p, imgs: fast.apply({"params": p}, model.preprocess(imgs))
-        )
-    return _APPLY_CACHE[model]
-
-
-def classification_report(logits_NK: np.ndarray, labels_N: np.ndarray) -> dict[str, Any]:
-    """Test metrics from logits.
-
-    Returns:
-      Dict with ``loss`` (mean cross-entropy), ``accuracy``, ``correct``, ``count``,
-      ``top3_accuracy``, ``per_class_accuracy`` (list of K) and ``confusion`` (K x K list, rows =
-      true class, columns = predicted).
-    """
-    logits = jnp.asarray(logits_NK)
-    sums = compute_metrics(logits, jnp.asarray(labels_N))
-    k = logits_NK.shape[1]
-    pred = logits_NK.argmax(1)
-    top3 = np.argsort(-logits_NK, axis=1)[:, :3]
-    confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (labels_N, pred), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return {
-        **summarize(sums),
-        "correct": int((pred == labels_N).sum()),
-        "count": int(labels_N.shape[0]),
-        "top3_accuracy": float((top3 == labels_N[:, None]).any(1).mean()),
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.tolist(),
-    }

@@ -24,20 +24,21 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lenet_jax import cli, explain  # noqa: E402
+from lenet_jax.augment import make_augment  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
 from lenet_jax.explain.common import chunked_map  # noqa: E402
 from lenet_jax.io import write_report  # noqa: E402
 from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
+from lenet_jax.predict import predict  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
 from lenet_jax.report import attribution_fn  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
+    Step,
     TrainConfig,
     create_train_state,
-    make_augment,
     make_optimizer,
-    predict,
     train_epoch,
 )
 
@@ -78,7 +79,7 @@ def bench_train(images, labels, repeats, batch_size, mesh=None):
     )
     if mesh is not None:
         state = parallel.replicate(state, mesh)
-    fns, box, epoch = {}, [state], [0]
+    step, box, epoch = Step(mesh=mesh), [state], [0]
 
     def run():
         epoch[0] += 1
@@ -89,8 +90,7 @@ def bench_train(images, labels, repeats, batch_size, mesh=None):
             epoch=epoch[0],
             data_key=jax.random.key(2),
             batch_size=batch_size,
-            fns=fns,
-            mesh=mesh,
+            step=step,
         )
         return box[0].params, sums
 
@@ -197,8 +197,8 @@ def bench_time_to_accuracy(train, test, preset, target=0.99):
         make_optimizer(config, steps),
         jax.random.key(1),
     )
-    fns, total, first, history = {}, 0.0, None, []
-    augment = make_augment(config)
+    total, first, history = 0.0, None, []
+    step = Step(config.label_smoothing, augment=make_augment(config))
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         state, _ = train_epoch(
@@ -208,9 +208,7 @@ def bench_time_to_accuracy(train, test, preset, target=0.99):
             epoch=epoch,
             data_key=jax.random.key(2),
             batch_size=config.batch_size,
-            fns=fns,
-            label_smoothing=config.label_smoothing,
-            augment=augment,
+            step=step,
         )
         jax.block_until_ready(state.params)
         seconds = time.perf_counter() - t0

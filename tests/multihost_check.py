@@ -19,11 +19,12 @@ if len(sys.argv) == 4:
 
 from lenet_jax import parallel  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
+from lenet_jax.predict import predict  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
+    Step,
     TrainConfig,
     create_train_state,
     make_optimizer,
-    predict,
     train_epoch,
 )
 
@@ -46,7 +47,7 @@ def main():
         epoch=1,
         data_key=jax.random.key(2),
         batch_size=64,
-        mesh=mesh,
+        step=Step(mesh=mesh),
     )
     kernel = np.asarray(state.params["conv1"]["kernel"])
     logits = predict(model, state.params, images[:100], batch_size=64, mesh=mesh)

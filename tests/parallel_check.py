@@ -17,6 +17,7 @@ from lenet_jax import parallel  # noqa: E402
 from lenet_jax.experiment import train_and_evaluate  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
+    Step,
     TrainConfig,
     create_train_state,
     epoch_batches,
@@ -43,13 +44,12 @@ def main():
     )
     mesh = parallel.data_mesh()
     rep = parallel.replicated(mesh)
-    fns = {}
+    step = Step(mesh=mesh)
     sharded, sharded_sums = train_epoch(
         parallel.replicate(fresh_state(), mesh),
         parallel.make_global(images, rep),
         parallel.make_global(labels, rep),
-        mesh=mesh,
-        fns=fns,
+        step=step,
         **kwargs,
     )
     diffs = jax.tree_util.tree_map(
@@ -62,7 +62,8 @@ def main():
         args = (sharded, sharded_sums, *data, idx, weight, 0)
     else:
         args = (sharded, *data, idx, weight)
-    hlo = fns["step" if sys.argv[1] == "python" else "scan"].lower(*args).compile().as_text()
+    jitted = step.python_step if sys.argv[1] == "python" else step.scan_epoch
+    hlo = jitted.lower(*args).compile().as_text()
 
     x = jax.random.normal(jax.random.key(3), (20, 32, 32, 1))  # 20: not a multiple of 8
     from lenet_jax.report import attribution_fn

@@ -13,20 +13,19 @@ import pytest
 from flax import serialization
 
 from lenet_jax import checkpoint
+from lenet_jax.augment import affine, make_augment
 from lenet_jax.data import preprocess
 from lenet_jax.experiment import train_and_evaluate
 from lenet_jax.models import LeNet5, init_params, model_config
+from lenet_jax.predict import classification_report, predict
 from lenet_jax.train import (
+    Step,
     TrainConfig,
     TrainingDiverged,
-    affine,
-    classification_report,
     compute_metrics,
     create_train_state,
     epoch_batches,
-    make_augment,
     make_optimizer,
-    predict,
     train_epoch,
     train_step,
 )
@@ -87,7 +86,7 @@ def test_python_loop_and_scan_epochs_agree(mnist):
     images, labels = (jnp.asarray(a[:1000]) for a in mnist["train"])  # 1000 = 15 full batches + 40
     results = {}
     for loop in ("python", "scan"):
-        fns = {}
+        step = Step()
         state = fresh_state()
         for epoch in range(2):
             state, sums = train_epoch(
@@ -97,12 +96,12 @@ def test_python_loop_and_scan_epochs_agree(mnist):
                 epoch=epoch,
                 data_key=jax.random.key(5),
                 batch_size=64,
+                step=step,
                 loop=loop,
-                fns=fns,
             )
         results[loop] = (state, sums)
-        name = "step" if loop == "python" else "scan"
-        assert fns[name]._cache_size() == 1  # the padded last batch reuses the compilation
+        jitted = step.python_step if loop == "python" else step.scan_epoch
+        assert jitted._cache_size() == 1  # the padded last batch reuses the compilation
     chex.assert_trees_all_close(results["python"][0].params, results["scan"][0].params, atol=2e-5)
     assert float(results["python"][1]["count"]) == 1000.0
 
