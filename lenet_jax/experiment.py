@@ -330,9 +330,12 @@ def _write_figures(run_dir: Path, model, meta, test_x, test_y, classes):
     plot.save(
         plot.digit_grid(
             test_x[first],
-            [f"pred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})" for i in first],
+            [
+                f"true {classes[test_y[i]]}\npred {classes[pred[i]]} ({probs[i, pred[i]]:.2f})"
+                for i in first
+            ],
             ["black" if pred[i] == test_y[i] else "red" for i in first],
-            suptitle="Test samples: prediction (confidence); red = wrong",
+            suptitle="Test samples: true label, prediction (confidence); red = wrong",
         ),
         run_dir / "samples.png",
     )

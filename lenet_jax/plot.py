@@ -154,28 +154,51 @@ def heatmap_pairs(
 
 
 def method_comparison(pixels, maps: dict, signed: dict, row_titles: Sequence[str]):
-    """Rows = images, columns = the input and each method's map (the seed-001 comparison).
+    """Rows = images, columns = the input and each method's map, with a colour legend below.
 
     Args:
       pixels: ``[N, H, W]`` in [0, 1].
       maps: method name -> ``[N, H, W]``.
       signed: method name -> whether its map is signed.
-      row_titles: one per image (true/predicted label and confidence).
+      row_titles: one per image (true/predicted label and confidence); a title with ✗ (a
+        misclassified image) is drawn in red.
     """
     n, m = len(pixels), len(maps)
-    fig, axes = plt.subplots(n, m + 1, figsize=(1.45 * (m + 1), 1.5 * n), squeeze=False)
+    fig, axes = plt.subplots(n, m + 1, figsize=(1.5 * (m + 1), 1.5 * n + 0.9), squeeze=False)
     for i in range(n):
         axes[i, 0].imshow(pixels[i], cmap="gray_r")
-        axes[i, 0].set_title(
-            row_titles[i], fontsize=6.5, color="red" if "✗" in row_titles[i] else "black"
-        )
+        wrong = "✗" in row_titles[i]
+        axes[i, 0].set_title(row_titles[i], fontsize=7.5, color="red" if wrong else "black")
         axes[i, 0].axis("off")
         for j, (name, heat) in enumerate(maps.items(), start=1):
             _show_heat(axes[i, j], pixels[i], heat[i], signed[name])
             if i == 0:
-                axes[i, j].set_title(name.replace("_", " "), fontsize=7.5)
-    fig.tight_layout()
+                axes[i, j].set_title(name.replace("_", " "), fontsize=8.5, fontweight="bold")
+    fig.tight_layout(rect=(0, 0.9 / (1.5 * n + 0.9), 1, 1))
+    _heat_legend(
+        fig, signed_present=any(signed.values()), unsigned_present=not all(signed.values())
+    )
     return fig
+
+
+def _heat_legend(fig, *, signed_present: bool, unsigned_present: bool) -> None:
+    """Colour bars at the bottom of ``fig`` saying what the heatmaps' colours mean."""
+    import matplotlib as mpl
+
+    bars = []
+    if signed_present:
+        bars.append(("bwr", (-1, 1), "signed maps: red = evidence for the class, blue = against"))
+    if unsigned_present:
+        bars.append(("inferno", (0, 1), "saliency and CAMs: bright = important (no sign)"))
+    height = 0.22 / fig.get_size_inches()[1]
+    for k, (cmap, (lo, hi), label) in enumerate(bars):
+        ax = fig.add_axes((0.08 + 0.47 * k, 0.35 * height, 0.37, height))
+        norm = mpl.colors.Normalize(lo, hi)
+        bar = fig.colorbar(mpl.cm.ScalarMappable(norm, cmap), cax=ax, orientation="horizontal")
+        bar.set_ticks([lo, 0, hi] if lo < 0 else [lo, hi])
+        bar.set_ticklabels(["−max", "0", "+max"] if lo < 0 else ["0", "max"])
+        bar.ax.tick_params(labelsize=6.5)
+        bar.set_label(label, fontsize=7.5)
 
 
 def feature_map_relevance(relevance_hwk, pixels, title: str = ""):
@@ -198,44 +221,81 @@ def feature_map_relevance(relevance_hwk, pixels, title: str = ""):
     lim = float(np.abs(relevance_hwk).max()) or 1.0
     for slot, ch in enumerate(order, start=1):
         ax = axes[slot // ncols, slot % ncols]
-        ax.imshow(relevance_hwk[..., ch], cmap="bwr", vmin=-lim, vmax=lim)
+        image = ax.imshow(relevance_hwk[..., ch], cmap="bwr", vmin=-lim, vmax=lim)
         ax.set_title(f"map {ch}: {totals[ch]:+.2f}", fontsize=6.5)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    scale = fig.add_axes((0.94, 0.15, 0.015, 0.7))
+    bar = fig.colorbar(image, cax=scale)
+    bar.set_label("relevance per cell (red: for the class, blue: against)", fontsize=7)
+    bar.ax.tick_params(labelsize=6.5)
     return fig
 
 
+# Colour families of the flipping curves: LRP composites in reds, gradient methods in blues,
+# CAMs in greens, occlusion in grey.
+_FAMILIES = (
+    (lambda name: name.startswith("lrp"), "Reds"),
+    (
+        lambda name: name in ("saliency", "gradient_x_input", "smoothgrad", "integrated_gradients"),
+        "Blues",
+    ),
+    (lambda name: name.endswith("cam"), "Greens"),
+    (lambda name: True, "Greys"),
+)
+
+
+def _family_colors(names) -> dict:
+    """Method -> colour: one colour map per family, shades within it."""
+    colors = {}
+    for belongs, cmap in _FAMILIES:
+        members = [n for n in names if n not in colors and belongs(n)]
+        levels = np.linspace(0.45, 0.95, len(members)) if len(members) > 1 else [0.8]
+        shades = plt.get_cmap(cmap)(levels)
+        colors.update(zip(members, shades, strict=False))
+    return colors
+
+
 def flipping_curves(curves: dict, random_curve: dict, random_band=None):
-    """Pixel-flipping curves: mean target probability vs fraction removed, MoRF and LeRF panels.
+    """Pixel-flipping curves: mean target probability vs fraction removed, MoRF and LeRF panels,
+    coloured by family (LRP composites red, gradient methods blue, CAMs green); the AOPC of each
+    curve is in the legend under each panel.
 
     Args:
       curves: method -> {"morf": summary, "lerf": summary} (``evaluate.summarize_curves``).
       random_curve: the random-order summary; ``random_band``: ``(low, high)`` per step, shaded.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colors = _family_colors(list(curves))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.4), sharey=True)
     for ax, order, better in zip(axes, ("morf", "lerf"), ("lower", "higher"), strict=True):
         frac = random_curve["fraction"]
         if random_band is not None:
             ax.fill_between(
-                frac, random_band[0], random_band[1], color="0.8", label="random order (10–90%)"
+                frac, random_band[0], random_band[1], color="0.85", label="random order (10–90%)"
             )
         ax.plot(frac, random_curve["prob"], color="0.4", ls=":", label="random order (mean)")
-        colors = plt.cm.tab20(np.linspace(0, 1, 20))[: max(len(curves), 1)]
-        for color, (name, c) in zip(colors, curves.items(), strict=False):
+        for name, c in curves.items():
             ax.plot(
                 c[order]["fraction"],
                 c[order]["prob"],
-                color=color,
+                color=colors[name],
                 label=f"{name} ({c[order]['aopc']:.3f})",
             )
         ax.set(
             xlabel="fraction of patches removed",
-            title=f"{order.upper()}: {better} curve = more faithful (AOPC in legend)",
+            title=f"{order.upper()}: {better} curve = more faithful",
         )
         ax.grid(alpha=0.3)
+        ax.legend(
+            fontsize=7,
+            ncol=3,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.13),
+            title=f"method ({order.upper()} AOPC)",
+            title_fontsize=7.5,
+        )
     axes[0].set_ylabel("target probability")
-    axes[1].legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
     return fig
 
