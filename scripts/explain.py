@@ -7,7 +7,6 @@ own picture files, ``--target`` a class other than the predicted one. Logic: ``l
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lenet_jax.explain import COMPOSITES, METHODS  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument("--method", default="lrp", choices=[*METHODS, "all"])
     p.add_argument(
         "--composite",

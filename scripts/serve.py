@@ -7,7 +7,6 @@ extra (``pip install -e ".[serve]"``). Logic: ``lenet_jax.serve``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,9 +16,7 @@ from lenet_jax import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"

@@ -6,7 +6,6 @@ the flags override single values. The logic lives in ``lenet_jax.experiment`` an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -16,27 +15,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lenet_jax import cli  # noqa: E402
 from lenet_jax.data import DATASETS  # noqa: E402
 from lenet_jax.models import MODELS  # noqa: E402
-from lenet_jax.recipes import PRESETS  # noqa: E402
+from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
+from lenet_jax.train import TrainConfig  # noqa: E402
 
-# flag -> TrainConfig field, for the hyperparameters that override the recipe
-HYPER = {
-    "optimizer": dict(choices=["sgd", "adam"]),
-    "lr": dict(type=cli.positive_float, help="learning rate (peak)"),
-    "momentum": dict(type=cli.unit_interval, help="SGD momentum"),
-    "schedule": dict(choices=["constant", "cosine", "onecycle"]),
-    "warmup_epochs": dict(type=cli.non_negative_float),
-    "weight_decay": dict(type=cli.non_negative_float),
-    "label_smoothing": dict(type=cli.unit_interval),
-    "augment_shift": dict(type=cli.non_negative_float, help="random shifts, pixels (<= 8)"),
-    "augment_rotate": dict(type=cli.non_negative_float, help="random rotations, degrees (<= 45)"),
-    "batch_size": dict(type=cli.positive_int),
-    "epochs": dict(type=cli.positive_int),
-    "seed": dict(type=int),
-}
+# TrainConfig fields without a flag
+NOT_FLAGS = ("eval_batch_size",)
+
+
+def add_setting_flags(p) -> list[str]:
+    """One flag per ``TrainConfig`` setting, from the field's help, choices and check; returns the
+    field names. The default is the model's recipe."""
+    lenet5 = recipe("lenet5")
+    names = []
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in NOT_FLAGS:
+            continue
+        meta = field.metadata
+        help = (
+            f"{meta['help']} (default: the model's recipe; lenet5's: {getattr(lenet5, field.name)})"
+        )
+        kwargs = {"choices": meta["choices"]} if meta["choices"] else {"type": _flag_type(field)}
+        p.add_argument("--" + field.name.replace("_", "-"), default=None, help=help, **kwargs)
+        names.append(field.name)
+    return names
+
+
+def _flag_type(field):
+    kind = type(field.default)
+    check = field.metadata["check"]
+    return cli.checked(kind, check, field.metadata["what"]) if check else kind
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__)
     p.add_argument(
         "--model",
         default=None,
@@ -52,15 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--activation", default=None, choices=["tanh", "relu"], help="lenet5 only")
     p.add_argument("--pool", default=None, choices=["avg", "max"], help="lenet5 only")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a named recipe")
-    for name, kwargs in HYPER.items():
-        p.add_argument("--" + name.replace("_", "-"), default=None, **kwargs)
-    p.add_argument(
-        "--loop",
-        default="auto",
-        choices=["auto", "python", "scan"],
-        help="python: dispatch the jitted step (fast on CPU); scan: one jitted epoch "
-        "(fast on GPU); auto picks by backend",
-    )
+    settings = add_setting_flags(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<time>)")
     p.add_argument(
         "--resume",
@@ -96,7 +99,6 @@ def main(argv=None) -> int:
 
     from lenet_jax.experiment import latest_run, new_run_dir, train_and_evaluate
     from lenet_jax.models import build_model
-    from lenet_jax.recipes import recipe
 
     run_dir = args.out
     if run_dir is None:
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
             p.error("--resume: no run with a checkpoint in runs/; name one with --out")
     with cli.one_line_errors(p):
         name = args.model or "lenet5"
-        overrides = {k: getattr(args, k) for k in HYPER if getattr(args, k) is not None}
-        config = dataclasses.replace(recipe(name, args.preset), loop=args.loop, **overrides)
+        overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
+        config = dataclasses.replace(recipe(name, args.preset), **overrides)
         model_args = {"name": name}
         if args.dataset:
             model_args["dataset"] = args.dataset
