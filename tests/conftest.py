@@ -1,16 +1,24 @@
-"""Strict JAX for every test; shared fixtures (MNIST, small models)."""
+"""Strict JAX for every test; shared fixtures (MNIST, small models, float64 where needed)."""
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_enable_x64", True)  # float64 references; library code fixes its own dtypes
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lenet_jax.data import DataError, load_mnist  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def float64():
+    """float64 for a whole test module, whose references are compared to float precision
+    (``pytestmark = pytest.mark.usefixtures("float64")``); the other modules run in float32, as
+    users do."""
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture(scope="session")

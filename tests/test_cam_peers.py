@@ -12,7 +12,7 @@ from lenet_jax.twins import to_nchw
 
 torch = require("torch")
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("float64")]
 
 
 @pytest.fixture(params=[("tanh", "avg"), ("relu", "max")], ids=["tanh-avg", "relu-max"])

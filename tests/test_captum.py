@@ -14,7 +14,7 @@ from lenet_jax.twins import to_nchw, to_nhwc
 torch = require("torch")
 captum_attr = require("captum.attr")
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("float64")]
 
 
 @pytest.fixture(params=[("tanh", "avg"), ("relu", "max")], ids=["tanh-avg", "relu-max"])

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from lenet_jax.data import load_mnist
 from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.image_files import read_images
 from lenet_jax.models import dataset_options, explained
-from lenet_jax.report import explain_run, split_options
+from lenet_jax.report import explain_run, output_name, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -186,6 +187,39 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
         np.asarray(explain.saliency(explained(model, params), x)).sum(-1),
         rtol=1e-5,
         atol=1e-7,  # float32 rounding of the tiny gradients, jitted vs not
+    )
+
+
+def test_default_output_names_differ_by_method_options_and_inputs():
+    names = [
+        output_name("all", "epsilon_plus_flat", None, None, {}, 16, None, None),
+        output_name("all", "epsilon_plus_flat", None, None, {}, 16, None, ["a/my_digit.png"]),
+        output_name("all", "epsilon_plus_flat", 3, None, {}, 16, [0, 7, 42], None),
+        output_name("smoothgrad", "epsilon", None, None, {"n_samples": 100}, 4, None, None),
+    ]
+    assert names == [
+        "explain_all_epsilon_plus_flat_first16.png",
+        "explain_all_epsilon_plus_flat_my_digit.png",
+        "explain_all_epsilon_plus_flat_target3_indices0-7-42.png",
+        "explain_smoothgrad_n_samples=100_first4.png",
+    ]
+
+
+@pytest.mark.slow
+def test_explain_image_prints_the_prediction_and_names_its_figure(tiny_run, tmp_path):
+    images, _ = load_mnist("test", progress=False)
+    digit = tmp_path / "my_digit.png"
+    plt.imsave(digit, 1 - images[0] / 255, cmap="gray")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    r = run_script("explain.py", "--run", run, "--method", "saliency", "--image", digit)
+    assert r.returncode == 0, r.stderr
+    out = run / "explain_saliency_my_digit.png"
+    assert r.stdout.splitlines()[:2] == [f"wrote {out.with_suffix('.npz')}", f"wrote {out}"]
+    saved = np.load(out.with_suffix(".npz"))
+    probs = np.exp(saved["logits"][0]) / np.exp(saved["logits"][0]).sum()
+    assert r.stdout.splitlines()[2] == (
+        f"{digit}: predicted {probs.argmax()} (probability {probs.max():.3f})"
     )
 
 

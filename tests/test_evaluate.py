@@ -11,6 +11,8 @@ from lenet_jax import evaluate, explain
 from lenet_jax.data import normalized_range
 from lenet_jax.models import ImageClassifier, LeNet5, explained, init_params
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 
 class Linear(ImageClassifier):
     """logits = W·vec(x) + b on 16x16 inputs: the relevance of pixel i is w_i (x_i − black)."""

@@ -12,6 +12,8 @@ from lenet_jax.data import normalized_range
 from lenet_jax.explain import cams, gradients
 from lenet_jax.models import LeNet5, explained
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 
 @pytest.fixture
 def setup(x64_batch):

@@ -26,6 +26,8 @@ from lenet_jax.explain.engine import plan
 from lenet_jax.explain.graph import trace
 from lenet_jax.models import LeNet5, explained
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 
 @dataclasses.dataclass(frozen=True)
 class Dense:

@@ -19,6 +19,8 @@ from lenet_jax.models import (
     model_config,
 )
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 LENET5_PARAMS = 61_706
 
 

@@ -19,6 +19,8 @@ from lenet_jax.models import CNN, MiniVGG, dataset_options, explained
 from lenet_jax.recipes import RECIPES, recipe
 from lenet_jax.report import explain_run
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

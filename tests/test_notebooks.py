@@ -38,3 +38,4 @@ def test_notebook_executes(path, tmp_path, monkeypatch, mnist):
         for out in cell.outputs
     )
     assert images >= 2, "every notebook draws its figures"
+    assert list(tmp_path.iterdir()) == [], "notebooks write into runs/ or a temporary folder only"

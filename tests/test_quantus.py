@@ -13,7 +13,7 @@ from lenet_jax.twins import to_nchw, torch_twin
 torch = require("torch")
 require("torchvision")  # before TensorFlow (see below)
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("float64")]
 
 
 @pytest.mark.parametrize("softmax", [True, False])

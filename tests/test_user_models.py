@@ -31,7 +31,7 @@ from zennit.layer import Sum  # noqa: E402
 from zennit.rules import Epsilon  # noqa: E402
 from zennit.types import Convolution  # noqa: E402
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("float64")]
 LOW, HIGH = -0.5, 2.5  # the zB bounds of these tests' inputs
 BN_EPS = 1e-3
 

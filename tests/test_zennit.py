@@ -19,6 +19,8 @@ from zennit.composites import LayerMapComposite, layer_map_base  # noqa: E402
 from zennit.rules import Epsilon  # noqa: E402
 from zennit.types import Convolution  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("float64")
+
 
 def zennit_composite(name, x_nchw):
     if name == "epsilon":  # zennit has no all-epsilon composite; this is its spelling of one
