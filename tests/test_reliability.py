@@ -27,6 +27,14 @@ from lenet_jax.train import TrainConfig, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = TrainConfig(epochs=2, batch_size=64)
+# what a finished run of CONFIG holds, and nothing else
+COMPLETE_RUN = [
+    "checkpoints/epoch_001.json",
+    "checkpoints/epoch_001.msgpack",
+    "checkpoints/epoch_002.json",
+    "checkpoints/epoch_002.msgpack",
+    "metrics.json",
+]
 
 
 def run_script(name, *args):
@@ -95,13 +103,7 @@ def test_the_lock_of_a_killed_process_does_not_block_the_next_run(tmp_path, mnis
     assert (run / ".lock").exists()  # left behind by kill -9, but no longer locked
     metrics = train(run)
     assert metrics["history"][-1]["epoch"] == 2
-    assert files(run) == [
-        "checkpoints/epoch_001.json",
-        "checkpoints/epoch_001.msgpack",
-        "checkpoints/epoch_002.json",
-        "checkpoints/epoch_002.msgpack",
-        "metrics.json",
-    ]
+    assert files(run) == COMPLETE_RUN
 
 
 # ----------------------------------------------------------------------------- 2. output checked
@@ -171,13 +173,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resume_cleans_up(tmp_path, 
     (run / "checkpoints" / "epoch_002.msgpack").write_bytes(b"uncommitted")
     monkeypatch.setattr(io.os, "replace", real_replace)
     train(run, resume=True)
-    assert files(run) == [
-        "checkpoints/epoch_001.json",
-        "checkpoints/epoch_001.msgpack",
-        "checkpoints/epoch_002.json",
-        "checkpoints/epoch_002.msgpack",
-        "metrics.json",
-    ]
+    assert files(run) == COMPLETE_RUN
 
 
 class _Parser:
