@@ -253,15 +253,18 @@ class _View:
         return self.pred if self.target is None else np.full(len(self.pred), self.target)
 
     def describe(self, i: int, mark: bool) -> str:
-        """``true 7 / pred 7``; ``mark``: with ✓/✗ and the confidence; `` / explains 3``."""
+        """``true 7 / pred 7``; ``mark``: with ✓/✗ and the confidence; a second line
+        ``explains 3`` when a target was chosen."""
         classes, t, p = self.classes, self.labels[i], self.pred[i]
         probs = np.asarray(jax.nn.softmax(jnp.asarray(self.logits[i])))
         parts = [f"true {classes[t]}"] if t >= 0 else []
         parts.append(f"pred {classes[p]}" + (f" ({probs[p]:.2f})" if mark else ""))
-        if self.target is not None:
-            parts.append(f"explains {classes[self.target]}")
         text = " / ".join(parts)
-        return f"{'✓' if p == t else '✗'} {text}" if mark and t >= 0 else text
+        if mark and t >= 0:
+            text = f"{'✓' if p == t else '✗'} {text}"
+        if self.target is not None:
+            text += f"\nexplains {classes[self.target]}"
+        return text
 
 
 def _comparison_figure(view: _View, maps, titles):
