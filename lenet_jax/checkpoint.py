@@ -18,7 +18,7 @@ from typing import Any
 
 from flax import serialization
 
-from lenet_jax.io import atomic_write_bytes, atomic_write_json
+from lenet_jax.io import atomic_write_bytes, atomic_write_json, remove_orphans
 from lenet_jax.models import build_model, describe, model_config
 
 _NAME = re.compile(r"epoch_(\d+)\.json$")
@@ -112,8 +112,6 @@ def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
 def remove_unfinished(run_dir: str | Path) -> list[Path]:
     """Removes what a process killed mid-checkpoint left in ``run_dir``: temporary files, and state
     files whose JSON (the commit marker) was never written. Returns them. Hold the run's lock."""
-    from lenet_jax.io import remove_orphans
-
     removed = remove_orphans(run_dir)
     ckpt_dir = Path(run_dir) / "checkpoints"
     for state in ckpt_dir.glob("epoch_*.msgpack"):

@@ -130,6 +130,7 @@ class _Data:
     labels: jax.Array
     test_x: np.ndarray
     test_y: np.ndarray
+    test_images: jax.Array  # test_x on the device, for the test after every epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,7 @@ def _load_data(model, data_dir, data_source, train_limit, mesh, progress: bool) 
     else:
         everywhere = parallel.replicated(mesh)
         images, labels = (parallel.make_global(a, everywhere) for a in (train_x, train_y))
-    return _Data(ds, images, labels, test_x, test_y)
+    return _Data(ds, images, labels, test_x, test_y, jnp.asarray(test_x))
 
 
 def _keys(config: TrainConfig):
@@ -268,7 +269,7 @@ def _train_one_epoch(run: _Run, state, epoch: int, step: Step):
             else "no checkpoint was written; try a lower --lr"
         )
         raise TrainingDiverged(f"training loss became {train['loss']} in epoch {epoch}; {kept}")
-    test_x = jnp.asarray(run.data.test_x)
+    test_x = run.data.test_images
     logits = predict(run.model, state.params, test_x, config.eval_batch_size, run.mesh)
     report = classification_report(logits, run.data.test_y)
     test = {"loss": report["loss"], "accuracy": report["accuracy"]}

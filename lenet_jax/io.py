@@ -138,16 +138,13 @@ def remove_orphans(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def locked_folder(path: str | os.PathLike, what: str = "--out") -> Iterator[bool]:
+def locked_folder(path: str | os.PathLike, what: str = "--out") -> Iterator[None]:
     """Holds ``path``'s lock for the duration: one writing process per folder.
 
     Checks the folder first (``writable_folder``). The lock is ``fcntl.flock`` on ``path/.lock``, so
     the kernel releases it when its process dies, even by ``kill -9``: a stale lock file never
     blocks the next run. The file names its holder for the error a second process gets, and is
-    removed on release.
-
-    Yields:
-      ``True`` when this call created the folder (the caller may remove it again if it stays empty).
+    removed on release; a folder this call created is removed again if nothing was written into it.
 
     Raises:
       OutputError: another process holds the folder (the message names it), or ``path`` is not a
@@ -162,7 +159,7 @@ def locked_folder(path: str | os.PathLike, what: str = "--out") -> Iterator[bool
         holder = f"process {os.getpid()} on {socket.gethostname()} since {_now()}"
         os.ftruncate(fd, 0)
         os.write(fd, holder.encode())
-        yield created
+        yield
     finally:
         with contextlib.suppress(OSError):
             lock.unlink()
