@@ -41,17 +41,24 @@ def attribution_fn(name: str, model, **options):
     (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
     and occlusion).
     """
-    accepted = explain.method_options(name)
-    dataset = models.dataset_options(model)
-    opts = {**options}
-    for key, value in dataset.items():
-        if key in accepted and opts.get(key) is None:
-            opts[key] = value
+    opts = with_dataset_options(name, model, options)
 
     def fn(params, x, target=None):
         return explain.attribute(name, models.explained(model, params), x, target, **opts)
 
     return fn
+
+
+def with_dataset_options(name: str, model, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with what ``model``'s dataset fills in among the options method ``name`` takes
+    and ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
+    baseline of Integrated Gradients and occlusion)."""
+    accepted = explain.method_options(name)
+    opts = dict(options)
+    for key, value in models.dataset_options(model).items():
+        if key in accepted and opts.get(key) is None:
+            opts[key] = value
+    return opts
 
 
 def explain_method(name: str, model, params, x, target=None, **options):
@@ -330,10 +337,8 @@ def _feature_map_figure(model, params, x, target, layer, view: _View, lrp_option
     options (``lrp_options``, as passed to ``explain.lrp``) of the heatmaps beside it."""
     from lenet_jax import plot
 
-    rule_options = {k: v for k, v in lrp_options.items() if k != "batch_size"}  # one image
-    for key in ("low", "high"):
-        if rule_options.get(key) is None:
-            rule_options[key] = models.dataset_options(model)[key]
+    one_image = {k: v for k, v in lrp_options.items() if k != "batch_size"}
+    rule_options = with_dataset_options("lrp", model, one_image)
     rels = jax.jit(
         lambda p, v: explain.lrp_layerwise(
             models.explained(model, p), v, target=target, **rule_options

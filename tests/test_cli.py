@@ -18,7 +18,7 @@ from lenet_jax.data import load_mnist
 from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.image_files import read_images
 from lenet_jax.models import dataset_options, explained
-from lenet_jax.report import explain_run, output_name, split_options
+from lenet_jax.report import explain_run, output_name, split_options, with_dataset_options
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -188,6 +188,20 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
         rtol=1e-5,
         atol=1e-7,  # float32 rounding of the tiny gradients, jitted vs not
     )
+
+
+def test_dataset_options_fill_only_what_a_method_takes_and_leaves_unset():
+    from lenet_jax.models import LeNet5
+
+    model = LeNet5()
+    data = dataset_options(model)
+    assert with_dataset_options("lrp", model, {"low": -1.0, "composite": "epsilon"}) == {
+        "low": -1.0,
+        "high": data["high"],
+        "composite": "epsilon",
+    }
+    assert with_dataset_options("integrated_gradients", model, {}) == {"baseline": data["baseline"]}
+    assert with_dataset_options("saliency", model, {"absolute": False}) == {"absolute": False}
 
 
 def test_default_output_names_differ_by_method_options_and_inputs():

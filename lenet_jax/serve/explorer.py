@@ -21,7 +21,7 @@ import numpy as np
 from lenet_jax import checkpoint, explain, models
 from lenet_jax.data import DataError, get_dataset, load_dataset
 from lenet_jax.image_files import decode_image
-from lenet_jax.report import attribution_fn
+from lenet_jax.report import attribution_fn, with_dataset_options
 
 # The methods a request gets when it names none: every one but occlusion (the slowest by far).
 DEFAULT_METHODS = tuple(m for m in explain.METHODS if m != "occlusion")
@@ -67,7 +67,7 @@ class Explorer:
         """The last convolution with a spatial extent: its feature maps' relevance is shown."""
         x = jnp.zeros((1, *self.model.input_shape), jnp.float32)
         rels = jax.eval_shape(
-            lambda v: explain.lrp_layerwise(self._f(self.params), v, **self._lrp_bounds()), x
+            lambda v: explain.lrp_layerwise(self._f(self.params), v, **self._lrp_options()), x
         )
         maps = [k for k in explain.layer_names(self._f(self.params), x) if k in rels]
         maps = [k for k in maps if len(rels[k].shape) == 4 and rels[k].shape[1] > 1]
@@ -76,9 +76,9 @@ class Explorer:
     def _f(self, params):
         return models.explained(self.model, params)
 
-    def _lrp_bounds(self) -> dict:
-        opts = models.dataset_options(self.model)
-        return {"low": opts["low"], "high": opts["high"]}
+    def _lrp_options(self, **options) -> dict:
+        """LRP's options with the model's dataset bounds (zᴮ), as the command lines use them."""
+        return with_dataset_options("lrp", self.model, options)
 
     def _compile(self) -> None:
         """Traces every function for one image and a traced target, then compiles them all, in
@@ -118,12 +118,12 @@ class Explorer:
         return heatmap
 
     def _lrp_of(self, composite: str):
-        bounds = self._lrp_bounds()
+        options = self._lrp_options(composite=composite)
         layer = self.feature_layer
 
         def relevance(params, x, target):
             f = self._f(params)
-            rels = explain.lrp_layerwise(f, x, target, composite=composite, **bounds)
+            rels = explain.lrp_layerwise(f, x, target, **options)
             heat = rels["input"][0].sum(-1)
             logit = f(x)[0, target[0]]
             maps = rels[layer][0].sum((0, 1)) if layer else jnp.zeros((0,), heat.dtype)
