@@ -256,7 +256,8 @@ def test_user_composite_mapping_equals_the_named_composite(x64_batch, lenet):
     assert isinstance(rules["conv1"], R.ZBox) and rules["conv2"] == R.Gamma(0.5)
     assert rules["fc1"] == R.Epsilon(1e-6)
     assert [n.kind for n in p.nodes] == [
-        "conv", "norm", "conv", "norm", "gradient", "dense", "dense", "dense"
+        "conv", "elementwise", "sum", "conv", "elementwise", "sum", "structural",
+        "dense", "elementwise", "dense", "elementwise", "dense",
     ]  # fmt: skip
 
 
@@ -284,7 +285,7 @@ def test_first_layer_follows_zennit(composite, first):
     [
         (
             {"composite": "epsilon_minus"},
-            r"unknown composite 'epsilon_minus'; choose one of \['epsilon'",
+            r"unknown composite 'epsilon_minus'; choose one of \['attn_lrp', 'cp_lrp', 'epsilon'",
         ),
         (
             {

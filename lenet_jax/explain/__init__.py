@@ -26,13 +26,17 @@ from lenet_jax.explain.gradients import (
 )
 from lenet_jax.explain.lrp import (
     COMPOSITES,
+    ZENNIT_COMPOSITES,
     Composite,
     composite_rules,
     conservation,
     layer_names,
     lrp,
     lrp_layerwise,
+    lrp_nodes,
     make_rule,
+    node_rules,
+    token_relevance,
 )
 from lenet_jax.explain.rules import RULES
 
@@ -99,11 +103,15 @@ __all__ = [
     "layer_names",
     "lrp",
     "lrp_layerwise",
+    "lrp_nodes",
     "make_rule",
     "method_options",
+    "node_rules",
     "occlusion",
     "saliency",
     "score_cam",
     "smoothgrad",
     "smoothgrad_noise",
+    "token_relevance",
+    "ZENNIT_COMPOSITES",
 ]

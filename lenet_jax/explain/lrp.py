@@ -25,7 +25,7 @@ from lenet_jax.explain.graph import evaluate, trace
 
 @dataclasses.dataclass(frozen=True)
 class Composite:
-    """A rule per kind of linear layer, and optionally another for the first one.
+    """A rule for each kind of node (``engine.KINDS``), and optionally another for the first layer.
 
     Attributes:
       conv: rule name of the convolutions (``conv_general_dilated``).
@@ -33,15 +33,44 @@ class Composite:
       first: rule name of the first layer among ``first_kinds``, or ``None``.
       first_kinds: which kinds count as "first": zennit's ``*_flat`` composites take the first
         linear layer of either kind, ``EpsilonGammaBox`` the first convolution only.
+      sum: pooling, means and residual sums: ``"norm"`` (zennit) or ``"exact"`` (AttnLRP).
+      affine: a value scaled or shifted by constants outside a layer (a position embedding):
+        ``"pass"`` (zennit: relevance unchanged) or ``"exact"`` (AttnLRP: the constant takes its
+        share).
+      elementwise: element-wise non-linearities (``"pass"``: zennit's and AttnLRP's identity rule).
+      softmax, normalize: ``"exact"`` (AttnLRP's softmax rule; LayerNorm and RMSNorm with their
+        statistic held constant).
+      product: the product of two activations: ``"uniform"`` (AttnLRP) or ``"cp"`` (CP-LRP).
+      structural: reshapes, slicing, max pooling: ``"gradient"``.
+      merge: ``"chain"`` merges the affine chain after a linear layer into it (BatchNorm, as
+        zennit's canonizer), ``"bias"`` only the layer's own bias (LXT's ε on ``Wx + b``).
     """
 
     conv: str
     dense: str
     first: str | None = None
     first_kinds: tuple[str, ...] = ("conv", "dense")
+    sum: str = "norm"
+    affine: str = "pass"
+    elementwise: str = "pass"
+    softmax: str = "exact"
+    normalize: str = "exact"
+    product: str = "uniform"
+    structural: str = "gradient"
+    merge: str = "chain"
 
 
 # zennit 0.5.1's built-in LRP composites, name for name (``zennit.composites``).
+ZENNIT_COMPOSITES = (
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_gamma_box",
+)
+# AttnLRP (Achtibat et al., 2024) as LXT 2.1 applies it, and CP-LRP (Ali et al., 2022).
+_ATTN = dict(sum="exact", affine="exact", merge="bias")
 COMPOSITES: dict[str, Composite] = {
     "epsilon": Composite("epsilon", "epsilon"),
     "epsilon_plus": Composite("zplus", "epsilon"),
@@ -49,6 +78,8 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon_alpha2_beta1": Composite("alpha2_beta1", "epsilon"),
     "epsilon_alpha2_beta1_flat": Composite("alpha2_beta1", "epsilon", "flat"),
     "epsilon_gamma_box": Composite("gamma", "epsilon", "zbox", ("conv",)),
+    "attn_lrp": Composite("epsilon", "epsilon", **_ATTN),
+    "cp_lrp": Composite("epsilon", "epsilon", product="cp", **_ATTN),
 }
 
 
@@ -68,18 +99,28 @@ def make_rule(name: str, *, epsilon=1e-6, gamma=0.25, low=None, high=None, stabi
         if low is None or high is None:
             raise ValueError("the zB rule needs the input bounds: pass low= and high=")
         return R.ZBox(low, high, stabilizer)
-    if name in ("pass", "gradient"):
+    if name in ("pass", "gradient", "exact", "uniform", "cp"):
         return R.RULES[name]()
     return R.RULES[name](stabilizer=stabilizer)
 
 
-def composite_rules(plan: engine.Plan, composite: str | Mapping = "epsilon_plus_flat", **hyper):
+def _table(composite) -> Composite:
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, Mapping):
+        return COMPOSITES["epsilon"]
+    if not isinstance(composite, str) or composite not in COMPOSITES:
+        raise ValueError(f"unknown composite {composite!r}; choose one of {sorted(COMPOSITES)}")
+    return COMPOSITES[composite]
+
+
+def composite_rules(plan: engine.Plan, composite="epsilon_plus_flat", **hyper):
     """The rule of every linear layer of ``plan``, by layer name.
 
     Args:
       plan: from ``engine.plan``.
-      composite: a name in ``COMPOSITES``, or a mapping layer name -> rule (a rule name or a rule
-        instance) that names every linear layer (``layer_names`` lists them).
+      composite: a name in ``COMPOSITES``, a ``Composite``, or a mapping layer name -> rule (a
+        rule name or a rule instance) that names every linear layer (``layer_names`` lists them).
       **hyper: ``epsilon``, ``gamma``, ``low``, ``high``, ``stabilizer`` for rules made from names.
 
     Returns:
@@ -98,9 +139,7 @@ def composite_rules(plan: engine.Plan, composite: str | Mapping = "epsilon_plus_
         if missing:
             raise ValueError(f"composite gives no rule for the layers {missing}")
         return {name: as_rule(composite[name]) for name in names}
-    if composite not in COMPOSITES:
-        raise ValueError(f"unknown composite {composite!r}; choose one of {sorted(COMPOSITES)}")
-    table = COMPOSITES[composite]
+    table = _table(composite)
     first = next((n.name for n in plan.linear if n.kind in table.first_kinds), None)
     return {
         n.name: as_rule(table.first if table.first and n.name == first else getattr(table, n.kind))
@@ -108,9 +147,40 @@ def composite_rules(plan: engine.Plan, composite: str | Mapping = "epsilon_plus_
     }
 
 
-def _rule_of(linear_rules: Mapping, stabilizer: float) -> Callable:
-    base = {"norm": R.Norm(stabilizer), "gradient": R.Gradient()}
-    return lambda node: linear_rules[node.name] if node.is_linear else base[node.kind]
+def node_rules(plan: engine.Plan, composite="epsilon_plus_flat", rules=None, **hyper) -> dict:
+    """The rule of every node of ``plan``, by node name: the composite's, then ``rules``.
+
+    Args:
+      plan: from ``engine.plan``.
+      composite: as for ``composite_rules``; a mapping of layer names takes the ``"epsilon"``
+        composite's rules for the other kinds.
+      rules: overrides, a mapping from a node kind (``engine.KINDS``: ``"softmax"``, ``"sum"``,
+        ...) or a node name (``lrp_nodes`` lists them) to a rule name or instance; a name wins
+        over a kind.
+      **hyper: as for ``composite_rules``.
+
+    Raises:
+      ValueError: an override names neither a kind nor a node.
+    """
+    table = _table(composite)
+    linear = composite_rules(plan, composite, **hyper)
+    rules = dict(rules or {})
+    names = {n.name for n in plan.nodes}
+    unknown = sorted(k for k in rules if k not in names and k not in engine.KINDS)
+    if unknown:
+        raise ValueError(
+            f"rules= names {unknown}, neither a node kind {list(engine.KINDS)} nor a node of this "
+            "model (explain.lrp_nodes lists them)"
+        )
+
+    def as_rule(rule):
+        return make_rule(rule, **hyper) if isinstance(rule, str) else rule
+
+    out = {}
+    for n in plan.nodes:
+        default = linear[n.name] if n.is_linear else getattr(table, n.kind)
+        out[n.name] = as_rule(rules.get(n.name, rules.get(n.kind, default)))
+    return out
 
 
 def layer_names(f: Callable, x) -> list[str]:
@@ -121,6 +191,19 @@ def layer_names(f: Callable, x) -> list[str]:
     (``"dense_0"``); ``jax.named_scope("fc1")`` around a plain function's layer names it.
     """
     return [node.name for node in engine.plan(trace(f, x)).linear]
+
+
+def lrp_nodes(f: Callable, x, composite="epsilon_plus_flat") -> dict[str, str]:
+    """Every node LRP walks in ``f``, name -> kind, in forward order: the names and kinds
+    ``rules=`` can override (``{"block_0/attn/softmax": "softmax", "fc1": "dense", ...}``)."""
+    p = engine.plan(trace(f, x), _table(composite).merge)
+    return {n.name: n.kind for n in p.nodes}
+
+
+def token_relevance(relevance):
+    """Relevance of each token ``[B, T]``: an embedding input's relevance ``[B, T, D]`` summed over
+    the hidden dimension (explain a text model from its embeddings, ``f(emb)``)."""
+    return jnp.sum(relevance, axis=-1)
 
 
 @attribution_method
@@ -135,6 +218,7 @@ def lrp_layerwise(
     low=None,
     high=None,
     stabilizer: float = 1e-6,
+    rules: Mapping | None = None,
 ):
     """LRP relevance at the input and at the output of every layer.
 
@@ -150,15 +234,14 @@ def lrp_layerwise(
     """
     check_batch(x)
     graph = trace(f, x)
-    plan = engine.plan(graph)
-    rules = composite_rules(
-        plan, composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
-    )
+    plan = engine.plan(graph, _table(composite).merge)
+    hyper = dict(epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer)
+    by_name = node_rules(plan, composite, rules, **hyper)
     env = evaluate(graph, x)
     logits = env[graph.output]
     t = resolve_target(target, logits)
     seed = jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits
-    rel = engine.walk(plan, env, seed, _rule_of(rules, stabilizer))
+    rel = engine.walk(plan, env, seed, lambda node: by_name[node.name])
     out = {name: engine.relevance_at(plan, rel, i) for name, i in plan.layers.items()}
     out["input"] = engine.relevance_at(plan, rel, graph.input)
     return out
@@ -176,9 +259,11 @@ def lrp(
     low=None,
     high=None,
     stabilizer: float = 1e-6,
+    rules: Mapping | None = None,
     batch_size: int | None = None,
 ):
-    """Layer-wise Relevance Propagation (Bach et al., 2015) with zennit's rules and composites.
+    """Layer-wise Relevance Propagation (Bach et al., 2015) with zennit's rules and composites, and
+    AttnLRP (Achtibat et al., 2024) for transformers.
 
     ``f`` is traced to its primitive operations, which are grouped into layers and walked backward
     with one rule per layer (the operation -> rule table: ``lenet_jax.explain.engine``,
@@ -196,12 +281,17 @@ def lrp(
       composite: a name in ``COMPOSITES`` (zennit's: ``epsilon_plus_flat`` puts Flat on the first
         linear layer of either kind, z⁺ on convolutions and ε on dense layers;
         ``epsilon_gamma_box`` puts zᴮ on the first *convolution* only, γ on the other
-        convolutions), or a mapping layer name -> rule naming every linear layer.
+        convolutions; ``attn_lrp`` is LXT's AttnLRP: ε on every linear layer's own output, the
+        uniform rule on products of activations, the softmax rule, LayerNorm/RMSNorm with their
+        statistic held, the exact split on sums; ``cp_lrp`` holds the attention weights and gates
+        constant), a ``Composite``, or a mapping layer name -> rule naming every linear layer.
       epsilon: ε of the epsilon rule.
       gamma: γ of the gamma rule.
       low, high: bounds of the input for the zᴮ rule (``epsilon_gamma_box``), scalars or arrays
         broadcastable to one input, e.g. the normalized black and white pixel; required by zᴮ.
       stabilizer: the denominator stabilizer of the other rules (and of Norm).
+      rules: overrides of the composite, node kind or node name -> rule (``node_rules``), e.g.
+        ``{"product": "cp"}`` or ``{"block_0/attn/softmax": "gradient"}``.
       batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
 
     Returns:
@@ -212,7 +302,13 @@ def lrp(
     (``common.attribution_method``), as is the map of an input holding NaN or inf.
     """
     kwargs = dict(
-        composite=composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer
+        composite=composite,
+        epsilon=epsilon,
+        gamma=gamma,
+        low=low,
+        high=high,
+        stabilizer=stabilizer,
+        rules=rules,
     )
     check_batch(x)
     if not batch_size or batch_size >= x.shape[0]:

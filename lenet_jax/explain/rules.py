@@ -187,10 +187,70 @@ class Norm:
 
 @dataclasses.dataclass(frozen=True)
 class Pass:
-    """Passes relevance through unchanged (element-wise layers: activations, dropout at eval)."""
+    """Passes relevance through unchanged (element-wise layers: activations, dropout at eval;
+    AttnLRP's identity rule). The node must have one input of its output's shape."""
 
     def __call__(self, layer, params, x, relevance):
-        return relevance
+        xs = x if isinstance(x, tuple) else (x,)
+        if len(xs) != 1 or xs[0].shape != relevance.shape:
+            raise ValueError(
+                "the pass rule needs a node with one input of its output's shape; "
+                f"got inputs {[tuple(v.shape) for v in xs]} for an output {tuple(relevance.shape)}"
+            )
+        return (relevance,) if isinstance(x, tuple) else relevance
+
+
+def _safe_divide(r, z):
+    """``r / z``, and 0 where ``z == 0`` (a zero output carries no relevance to share)."""
+    zero = z == 0
+    return jnp.where(zero, 0, r / jnp.where(zero, 1, z).astype(z.dtype)).astype(r.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact:
+    """Gradient × input in relevance form: ``R_in = x ⊙ Jᵀ(R / z)``, no stabilizer.
+
+    What AttnLRP (LXT) computes where it leaves the gradient alone: the proportional split of a sum
+    (a residual, a position embedding's share), softmax's ``x ⊙ (R − s ΣR)``, a normalization with
+    its statistic held constant. ``x`` is a tuple of the node's inputs; so is the result.
+    """
+
+    def __call__(self, layer, params, x, relevance):
+        z, back = _vjp(layer, params, x)
+        return jax.tree.map(jnp.multiply, x, back(_safe_divide(relevance, z)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+    """AttnLRP's uniform rule for the product of two activations (q·kᵀ, A·v, a gate): half the
+    gradient × input relevance to each operand, ``R_a = ½ a ⊙ J_aᵀ(R / z)``, no stabilizer."""
+
+    def __call__(self, layer, params, x, relevance):
+        z, back = _vjp(layer, params, x)
+        grads = back(_safe_divide(relevance, z))
+        return tuple(0.5 * xi * gi for xi, gi in zip(x, grads, strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantWeights:
+    """CP-LRP (Ali et al., 2022) for a product: the attention (or gate) operand held constant, all
+    relevance to the other, ``R_v = v ⊙ J_vᵀ(R / z)``; the held operand gets none. Which operand is
+    held is the plan's ``node.weights`` (the one a softmax or an element-wise non-linearity made);
+    a product with no such operand (q·kᵀ) splits uniformly."""
+
+    def __call__(self, layer, params, x, relevance):
+        node = layer.node
+        if node.weights is None or len(x) != 2:
+            return Uniform()(layer, params, x, relevance)
+        held = node.inputs.index(node.weights)
+
+        def apply(free):
+            return layer.apply(params, tuple(x[i] if i == held else free for i in range(len(x))))
+
+        free = x[1 - held]
+        z, pullback = jax.vjp(apply, free)
+        r_free = free * pullback(_safe_divide(relevance, z))[0]
+        return tuple(jnp.zeros_like(x[i]) if i == held else r_free for i in range(len(x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,4 +278,7 @@ RULES = {
     "norm": Norm,
     "pass": Pass,
     "gradient": Gradient,
+    "exact": Exact,
+    "uniform": Uniform,
+    "cp": ConstantWeights,
 }
