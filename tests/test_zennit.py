@@ -7,7 +7,8 @@ import pytest
 from conftest import random_params, require
 
 from lenet_jax.data import DATASETS, normalized_range
-from lenet_jax.explain import ZENNIT_COMPOSITES as OURS, lrp
+from lenet_jax.explain import ZENNIT_COMPOSITES as OURS
+from lenet_jax.explain import lrp
 from lenet_jax.models import CNN, LeNet5, MiniVGG, dataset_options, explained
 from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
 

@@ -52,7 +52,9 @@ from lenet_jax.explain.graph import Graph, Lit, Op, input_dependent, run_op, val
 LINEAR = {"conv_general_dilated": "conv", "dot_general": "dense"}
 SUMS = frozenset({"reduce_window_sum", "reduce_sum"})
 # reductions along axes: a value computed from the input only through one of these is a statistic
-REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"})
+REDUCTIONS = frozenset(
+    {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"}
+)
 STRUCTURAL = frozenset(
     {
         "reshape",
@@ -121,6 +123,11 @@ _IDENTITY = frozenset({"neg", "convert_element_type", "copy", "copy_p", "reduce_
 _CENTRING = frozenset(
     {"add", "sub", "mul", "div", "neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze",
      "expand_dims", "convert_element_type", "copy", "stop_gradient"}
+)  # fmt: skip
+# what may lie between a softmax's input and ``exp``'s argument: ``x - stop_gradient(max(x))``
+_SHIFT = frozenset(
+    {"sub", "reduce_max", "max", "stop_gradient", "broadcast_in_dim", "reshape", "transpose",
+     "squeeze", "expand_dims", "convert_element_type"}
 )  # fmt: skip
 MERGES = ("chain", "bias")
 KINDS = (
@@ -490,7 +497,8 @@ def _patterns(g: _View):
 
 
 def _softmax(g: _View, j: int) -> Node | None:
-    """``exp(x - c) / broadcast(Σ exp(x - c))`` at op ``j`` (``c`` a shift computed from ``x``)."""
+    """``exp(x - c) / broadcast(Σ exp(x - c))`` at op ``j``, ``c`` a shift computed from ``x`` by
+    reductions (the max), reshapes or transposes on the way allowed."""
     graph = g.graph
     op = graph.ops[j]
     num, den = op.ins
@@ -498,22 +506,31 @@ def _softmax(g: _View, j: int) -> Node | None:
     if exp is None or exp.name != "exp":
         return None
     total = g.op_of(den)
-    while total is not None and total.name in ("broadcast_in_dim", "reshape", "convert_element_type"):
+    while total is not None and total.name in (
+        "broadcast_in_dim",
+        "reshape",
+        "convert_element_type",
+    ):
         total = g.op_of(total.ins[0])
-    if total is None or total.name != "reduce_sum" or total.ins[0] != num:
+    if total is None or total.name != "reduce_sum":
         return None
-    arg = exp.ins[0]
-    shift = g.op_of(arg)
-    candidates = [arg]
-    if shift is not None and shift.name == "sub" and not isinstance(shift.ins[0], Lit):
-        candidates.insert(0, shift.ins[0])
+    summed = g.op_of(total.ins[0])  # the numerator, or the same exp written twice
+    if total.ins[0] != num and (summed is None or summed.name != "exp" or summed.ins != exp.ins):
+        return None
+    x = exp.ins[0]
+    shift = g.op_of(x)
+    if shift is not None and shift.name == "sub" and len(g.dep_ins(shift)) == 2:
+        if not g.statistic[shift.ins[1]]:
+            return None
+        found = _dominator(g, g.dep_ins(shift))
+        if found is None or any(o.name not in _SHIFT for o in _subgraph(g, x, {found[0]})):
+            return None
+        x = found[0]
     out = op.outs[0]
-    for x in candidates:
-        inside = _between(g, [out], x)
-        if inside is not None and _closed(g, inside, out):
-            ops = _subgraph(g, out, {x})
-            return Node("softmax", "", op, (x,), out, tuple(sorted(inside)), ops=ops)
-    return None
+    inside = _between(g, [out], x)
+    if inside is None or not _closed(g, inside, out):
+        return None
+    return Node("softmax", "", op, (x,), out, tuple(sorted(inside)), ops=_subgraph(g, out, {x}))
 
 
 def _normalize(g: _View, j: int, stat: int) -> Node | None:
@@ -574,13 +591,11 @@ def _is_affine(g: _View, op: Op) -> bool:
 
 def _with_weights(g: _View, nodes: list[Node]) -> list[Node]:
     """Marks each product's operand that CP-LRP holds constant: the one computed by a softmax or an
-    element-wise non-linearity (through reshapes), when exactly one is."""
+    element-wise non-linearity (through reshapes, casts and scalings), when exactly one is."""
     gate = {n.output for n in nodes if n.kind in ("softmax", "elementwise")}
-    carried = {}
-    for n in nodes:
-        if n.kind == "structural" and len(n.inputs) == 1 and n.inputs[0] in gate | set(carried):
-            carried[n.output] = True
-    gate |= set(carried)
+    for n in nodes:  # forward order: carried through any chain of reshapes and casts
+        if n.kind in ("structural", "affine") and len(n.inputs) == 1 and n.inputs[0] in gate:
+            gate.add(n.output)
     out = []
     for n in nodes:
         if n.kind == "product":
@@ -693,7 +708,9 @@ class Layer:
             return run_op(node.op, args)[0] + params["bias"]
         local = dict(zip(node.inputs, x, strict=True))
         for op in node.ops:
-            args = [local[r] if not isinstance(r, Lit) and r in local else value(env, r) for r in op.ins]
+            args = [
+                local[r] if not isinstance(r, Lit) and r in local else value(env, r) for r in op.ins
+            ]
             local.update(zip(op.outs, run_op(op, args), strict=True))
         return local[node.output]
 
@@ -732,7 +749,9 @@ def walk(p: Plan, env, seed, rule_of: Callable[[Node], Any]) -> dict[int, Any]:
                 _apply_node(by_output[v], env, rel[v], rule_of, add)
             elif v in p.unsupported:
                 bad, reason = p.unsupported[v]
-                raise ValueError(f"no LRP rule for the operation {bad.name!r} in {bad.where}: {reason}")
+                raise ValueError(
+                    f"no LRP rule for the operation {bad.name!r} in {bad.where}: {reason}"
+                )
             else:
                 raise ValueError(
                     f"relevance reached a value inside a node from outside it (the operation "
