@@ -289,6 +289,12 @@ def dataset_options(model: ImageClassifier) -> dict[str, float]:
     return {"low": black, "high": white, "baseline": black}
 
 
+def default_composite(model: ImageClassifier) -> str:
+    """The LRP composite a model is explained with by default: AttnLRP (``"attn_lrp"``) for the
+    ViT, zennit's ``"epsilon_plus_flat"`` for the CNNs."""
+    return "attn_lrp" if isinstance(model, ViT) else "epsilon_plus_flat"
+
+
 def explained(model: ImageClassifier, params):
     """The function the explainers take: ``x -> logits`` of ``model`` in evaluation mode, in its
     reference form (``functools.partial(model.apply, variables)``, so layers keep their names)."""

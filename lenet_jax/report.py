@@ -52,10 +52,12 @@ def attribution_fn(name: str, model, **options):
 def with_dataset_options(name: str, model, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` with what ``model``'s dataset fills in among the options method ``name`` takes
     and ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
-    baseline of Integrated Gradients and occlusion)."""
+    baseline of Integrated Gradients and occlusion), and LRP's composite
+    (``models.default_composite``: AttnLRP for the ViT)."""
     accepted = explain.method_options(name)
     opts = dict(options)
-    for key, value in models.dataset_options(model).items():
+    defaults = {**models.dataset_options(model), "composite": models.default_composite(model)}
+    for key, value in defaults.items():
         if key in accepted and opts.get(key) is None:
             opts[key] = value
     return opts
@@ -121,7 +123,7 @@ def explain_run(
     target: int | None = None,
     out: str | Path | None = None,
     layer: str | None = None,
-    composite: str = "epsilon_plus_flat",
+    composite: str | None = None,
     options: Mapping[str, Any] | None = None,
     data_dir=None,
     data_source=None,
@@ -139,7 +141,7 @@ def explain_run(
       out: the PNG path; default ``run_dir/`` + ``output_name(...)``, one name per method, options
         and inputs. The ``.npz`` sits beside it.
       layer: for LRP, also draw the relevance of this layer's feature maps; for CAMs, their layer.
-      composite: the LRP composite.
+      composite: the LRP composite (default: the model's, ``models.default_composite``).
       options: more keyword options of the method (``explain.method_options``), e.g.
         ``{"n_samples": 100}`` for SmoothGrad; with ``"all"`` each goes to the methods that take it.
 
@@ -151,15 +153,16 @@ def explain_run(
       lenet_jax.io.OutputError: ``out``'s folder cannot be written (checked before any work).
     """
     per_method = _check_request(method, n, indices, images, layer, options or {})
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    model, params, _ = checkpoint.load_params(run_dir)
+    composite = composite or models.default_composite(model)
     if out is None:
         out = Path(run_dir) / output_name(
             method, composite, target, layer, options, n, indices, images
         )
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
     writable_folder(out.parent, "--out")
-    model, params, _ = checkpoint.load_params(run_dir)
     classes = get_dataset(model.dataset).classes
     # explain's own range check sees only concrete targets; under jit the target is traced
     if target is not None and not 0 <= target < len(classes):

@@ -23,9 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="lrp", choices=[*METHODS, "all"])
     p.add_argument(
         "--composite",
-        default="epsilon_plus_flat",
+        default=None,
         choices=list(COMPOSITES),
-        help="LRP composite (rules per layer)",
+        help="LRP composite (rules per layer) (default: the model's: attn_lrp for a ViT, "
+        "epsilon_plus_flat for the CNNs)",
     )
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     which = p.add_mutually_exclusive_group()
