@@ -1,6 +1,7 @@
 """AttnLRP and CP-LRP on transformers: equal to LXT 2.1 on torch twins, and the engine's
 transformer rules against their definitions."""
 
+import dataclasses
 import functools
 
 import jax
@@ -260,6 +261,8 @@ def test_rules_override_kinds_and_nodes_by_name():
     f, _, x, _ = linen_vit(seed=8)
     base = explain.lrp(f, x, 0, composite="attn_lrp")
     by_kind = explain.lrp(f, x, 0, composite="attn_lrp", rules={"sum": "norm"})
+    table = dataclasses.replace(explain.COMPOSITES["attn_lrp"], sum="norm")
+    np.testing.assert_array_equal(explain.lrp(f, x, 0, composite=table), by_kind)
     # zennit's Norm rule stabilizes the residual sums by 1e-6: close to the exact split, not equal
     assert 0 < np.abs(by_kind - base).max() < 1e-3 * np.abs(base).max()
     names = list(explain.lrp_nodes(f, x, "attn_lrp"))

@@ -25,7 +25,6 @@ from lenet_jax.report import attribution_fn, with_dataset_options
 
 # The methods a request gets when it names none: every one but occlusion (the slowest by far).
 DEFAULT_METHODS = tuple(m for m in explain.METHODS if m != "occlusion")
-DEFAULT_COMPOSITE = "epsilon_plus_flat"
 # What the page's methods compute; the library's defaults otherwise.
 OPTIONS = {"occlusion": {"window": 4, "stride": 2}}
 
@@ -53,6 +52,7 @@ class Explorer:
                 f"the explorer draws gray 28x28 digits; this run's {self.model.name} takes "
                 f"{self.dataset.title} images of shape {self.dataset.image_shape}"
             )
+        self.default_composite = models.default_composite(self.model)  # AttnLRP for a ViT
         self.traces = 0  # how often any function was traced: only at start-up
         self.feature_layer = self._feature_layer()
         t0 = time.perf_counter()
@@ -69,7 +69,8 @@ class Explorer:
         rels = jax.eval_shape(
             lambda v: explain.lrp_layerwise(self._f(self.params), v, **self._lrp_options()), x
         )
-        maps = [k for k in explain.layer_names(self._f(self.params), x) if k in rels]
+        nodes = explain.lrp_nodes(self._f(self.params), x)
+        maps = [k for k, kind in nodes.items() if kind == "conv" and k in rels]
         maps = [k for k in maps if len(rels[k].shape) == 4 and rels[k].shape[1] > 1]
         return maps[-1] if maps else None
 
@@ -160,7 +161,7 @@ class Explorer:
             "default_methods": list(DEFAULT_METHODS),
             "signed": dict(explain.SIGNED),
             "composites": list(explain.COMPOSITES),
-            "default_composite": DEFAULT_COMPOSITE,
+            "default_composite": self.default_composite,
             "feature_layer": self.feature_layer,
             "test_digits": len(self.test_labels),
             "misclassified": len(self.wrong),
@@ -192,7 +193,7 @@ class Explorer:
             raise RequestError(f"unknown field {sorted(unknown)[0]!r}")
         image = self._image(request)
         methods = self._methods_of(request.get("methods"))
-        composite = request.get("composite") or DEFAULT_COMPOSITE
+        composite = request.get("composite") or self.default_composite
         if composite not in explain.COMPOSITES:
             raise RequestError(
                 f"unknown composite {composite!r}; choose one of {list(explain.COMPOSITES)}"
