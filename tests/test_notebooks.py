@@ -8,12 +8,13 @@ from conftest import require
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     assert [p.name for p in NOTEBOOKS] == [
         "01_train_lenet5.ipynb",
         "02_explain.ipynb",
         "03_evaluate.ipynb",
         "04_explain_your_own_model.ipynb",
+        "05_explain_a_transformer.ipynb",
     ]
 
 

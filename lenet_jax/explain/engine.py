@@ -196,7 +196,7 @@ class Plan:
       graph: the traced graph.
       nodes: every node, in forward order.
       linear: the linear nodes, in forward order (what composites assign rules to).
-      layers: layer name -> id of that layer's output value (every scope and linear node).
+      layers: layer name -> id of that layer's output value (every scope and node).
       alias: id of a value inside a node -> the node's output.
       unsupported: id -> ``(op, reason)`` for a value made by an operation without a rule.
     """
@@ -293,7 +293,7 @@ def plan(graph: Graph, merge: str = "chain") -> Plan:
     nodes = _with_weights(g, sorted(nodes, key=lambda n: g.producer[n.output]))
     nodes = _named(nodes)
     alias = {m: n.output for n in nodes for m in n.members}
-    layers = {**{n.name: n.output for n in nodes if n.is_linear}, **_scope_outputs(graph, g.dep)}
+    layers = {**{n.name: n.output for n in nodes}, **_scope_outputs(graph, g.dep)}
     linear = tuple(n for n in nodes if n.is_linear)
     return Plan(graph, tuple(nodes), linear, layers, alias, unsupported)
 

@@ -226,9 +226,10 @@ def lrp_layerwise(
 
     Returns:
       Dict: ``"input"`` -> ``x.shape`` input relevance; each layer name (every module path of a
-      Linen or NNX model, at every nesting level, and every linear layer) -> the relevance at that
-      layer's output, e.g. ``"conv2"`` -> ``[B, 10, 10, 16]`` for LeNet-5: the relevance of each
-      feature map. A convolution followed by BatchNorm is one layer for LRP (the BatchNorm merged
+      Linen or NNX model, at every nesting level, and every node ``lrp_nodes`` names) -> the
+      relevance at that layer's output, e.g. ``"conv2"`` -> ``[B, 10, 10, 16]`` for LeNet-5: the
+      relevance of each feature map; ``"block_0/attn/product:1"`` -> ``[B, T, heads, head_dim]``
+      for the ViT: attention · values, per head. A convolution followed by BatchNorm is one layer for LRP (the BatchNorm merged
       into it, as zennit's canonizer does), so both names carry the relevance after the BatchNorm.
       The output layer's entry is the seed ``one_hot(target) * logit``.
     """
