@@ -153,16 +153,17 @@ def explain_run(
       lenet_jax.io.OutputError: ``out``'s folder cannot be written (checked before any work).
     """
     per_method = _check_request(method, n, indices, images, layer, options or {})
-    if out is not None and Path(out).suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out must name a .png file, got {out}")
+    writable_folder(Path(run_dir) if out is None else out.parent, "--out")
     model, params, _ = checkpoint.load_params(run_dir)
-    composite = composite or models.default_composite(model)
+    composite = composite or models.default_composite(model)  # names the default output
     if out is None:
         out = Path(run_dir) / output_name(
             method, composite, target, layer, options, n, indices, images
         )
-    out = Path(out)
-    writable_folder(out.parent, "--out")
     classes = get_dataset(model.dataset).classes
     # explain's own range check sees only concrete targets; under jit the target is traced
     if target is not None and not 0 <= target < len(classes):
@@ -347,7 +348,8 @@ def _feature_map_figure(model, params, x, target, layer, view: _View, lrp_option
             models.explained(model, p), v, target=target, **rule_options
         )
     )(params, x[:1])
-    maps = sorted(k for k, v in rels.items() if v.ndim == 4 and k != "input")
+    nodes = explain.lrp_nodes(models.explained(model, params), x[:1])
+    maps = sorted(k for k, kind in nodes.items() if kind == "conv" and rels[k].ndim == 4)
     if layer not in maps:
         raise ValueError(f"unknown layer {layer!r} for feature maps; choose one of {maps}")
     title = f"Relevance of {layer}'s feature maps, {view.describe(0, False)}, ranked"

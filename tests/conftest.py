@@ -1,5 +1,7 @@
 """Strict JAX for every test; shared fixtures (MNIST, small models, float64 where needed)."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -92,4 +94,17 @@ def tiny_run(tmp_path_factory, mnist):
     train_and_evaluate(
         LeNet5(), TrainConfig(epochs=1), run, train_limit=2000, figures=False, progress=False
     )
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_run(tmp_path_factory, mnist):
+    """A ViT run trained for one epoch on 2,000 digits (seconds)."""
+    from lenet_jax.experiment import train_and_evaluate
+    from lenet_jax.models import ViT
+    from lenet_jax.recipes import recipe
+
+    run = tmp_path_factory.mktemp("runs") / "tiny_vit"
+    config = dataclasses.replace(recipe("vit"), epochs=1)
+    train_and_evaluate(ViT(), config, run, train_limit=2000, figures=False, progress=False)
     return run

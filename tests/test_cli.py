@@ -17,7 +17,7 @@ from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
 from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.image_files import read_images
-from lenet_jax.models import dataset_options, explained
+from lenet_jax.models import ViT, dataset_options, explained
 from lenet_jax.report import explain_run, output_name, split_options, with_dataset_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +202,20 @@ def test_dataset_options_fill_only_what_a_method_takes_and_leaves_unset():
     }
     assert with_dataset_options("integrated_gradients", model, {}) == {"baseline": data["baseline"]}
     assert with_dataset_options("saliency", model, {"absolute": False}) == {"absolute": False}
+    assert with_dataset_options("lrp", model, {})["composite"] == "epsilon_plus_flat"
+    assert with_dataset_options("lrp", ViT(), {})["composite"] == "attn_lrp"
+
+
+@pytest.mark.slow
+def test_explain_a_vit_run_uses_attn_lrp_by_default(tiny_vit_run, tmp_path):
+    r = run_script("explain.py", "--method", "lrp", "--run", tiny_vit_run, "--n", 3)
+    assert r.returncode == 0, r.stderr
+    npz = tiny_vit_run / "explain_lrp_attn_lrp_first3.npz"
+    assert f"wrote {npz}" in r.stdout
+    model, params, _ = load_params(tiny_vit_run)
+    x = model.preprocess(load_mnist("test")[0][:3])
+    expected = explain.lrp(explained(model, params), x, composite="attn_lrp").sum(-1)
+    np.testing.assert_allclose(np.load(npz)["attribution"], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_default_output_names_differ_by_method_options_and_inputs():

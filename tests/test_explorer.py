@@ -262,3 +262,22 @@ def test_drawing_in_a_real_browser_updates_probabilities_and_heatmaps(server, tm
         print(f"screenshot: {shot}")
     finally:
         browser.quit()
+
+
+@pytest.mark.slow
+def test_the_explorer_serves_a_vit_with_attn_lrp(tiny_vit_run):
+    """A ViT run: AttnLRP by default, the patch embedding's feature maps, the library's maps."""
+    explorer = Explorer(tiny_vit_run, log=lambda message: None)
+    client = TestClient(create_app(explorer, seed=0))
+    info = client.get("/api/info").json()
+    assert info["default_composite"] == "attn_lrp" and info["feature_layer"] == "embed"
+    image = digit(explorer, 5)
+    answer = post(client, image=image.tolist(), methods=["lrp"], target=2).json()
+    assert answer["lrp"]["composite"] == "attn_lrp"
+    assert np.shape(answer["lrp"]["feature_maps"]) == (64,)
+    x = explorer.model.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
+    f = models.explained(explorer.model, explorer.params)
+    expected = explain.lrp(f, x, 2, composite="attn_lrp")[0, ..., 0]
+    np.testing.assert_allclose(answer["heatmaps"]["lrp"], expected, rtol=1e-4, atol=1e-6)
+    cp = post(client, image=image.tolist(), methods=["lrp"], target=2, composite="cp_lrp").json()
+    assert cp["lrp"]["composite"] == "cp_lrp" and cp["heatmaps"]["lrp"] != answer["heatmaps"]["lrp"]
