@@ -55,7 +55,8 @@ def non_argmax_targets(f, x):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_equals_lxt_on_a_torch_twin(name, variant):
     require("lxt")
-    from transformer_twins import lxt_relevance, torch_twin, twin_logits
+    from lenet_jax.twins import lxt_relevance, twin_logits
+    from lenet_jax.twins import transformer_twin as torch_twin
 
     f, params, x, heads = MODELS[name](seed=3)
     twin = torch_twin("decoder" if name == "decoder" else "vit", params, variant, heads)
