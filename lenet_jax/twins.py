@@ -240,7 +240,8 @@ def transformer_twin(kind: str, params, variant: str, heads: int, dtype: str = "
                 self.embed = tnn.Conv2d(k.shape[2], k.shape[3], k.shape[:2], stride=k.shape[:2])
                 self.embed.weight.data = t(k.transpose(3, 2, 0, 1).copy())
                 self.embed.bias.data = t(params["embed"]["bias"])
-                self.cls, self.pos = t(params["cls"]), t(params["pos"])
+                self.register_buffer("cls", t(params["cls"]))
+                self.register_buffer("pos", t(params["pos"]))
 
         def forward(self, x):
             if not decoder:  # NHWC images

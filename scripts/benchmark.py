@@ -572,6 +572,54 @@ def bench_user_model(images, repeats, peers, batch_size=500):
     return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
+def bench_transformer(images, repeats, peers, batch_size=500):
+    """AttnLRP on the package's ViT (random weights) through the engine, jitted, with its first
+    call (trace + compile) apart, a saliency map of the same model for the engine's overhead, and
+    LXT 2.1's AttnLRP on the float32 torch twin. Rows, and the largest difference of the two maps
+    on 8 images."""
+    from lenet_jax.models import ViT
+
+    model = ViT()
+    params = init_params(model, jax.random.key(0))
+    f = explained(model, params)
+    x = model.preprocess(jnp.asarray(images))
+    n = x.shape[0]
+
+    def lrp_of(p, v):
+        return explain.lrp(explained(model, p), v, composite="attn_lrp", batch_size=batch_size)
+
+    lrp = jax.jit(lrp_of)
+    saliency = jax.jit(  # in the same chunks as LRP
+        lambda p, v: chunked_map(lambda c: explain.saliency(explained(model, p), c), v, batch_size)
+    )
+    rows = [
+        timed_row("JAX AttnLRP, ViT (72k parameters)", lambda: lrp(params, x), repeats, images=n),
+        timed_row("JAX saliency, ViT", lambda: saliency(params, x), repeats, images=n),
+    ]
+    if not peers:
+        return rows, None
+    import torch
+
+    from lenet_jax.twins import lxt_relevance, transformer_twin
+
+    twin = transformer_twin("vit", params, "attn_lrp", model.num_heads, dtype="float32")
+    target = np.asarray(predict(model, params, x).argmax(1))
+
+    def lxt():
+        return [
+            lxt_relevance(twin, x[i : i + batch_size], target[i : i + batch_size])
+            for i in range(0, n, batch_size)
+        ]
+
+    rows.append(
+        timed_row(f"LXT 2.1 AttnLRP, the ViT's twin (torch {torch.__version__}, batches of "
+                  f"{batch_size})", lxt, max(1, min(repeats, 3)), images=n)
+    )  # fmt: skip
+    ours = np.asarray(explain.lrp(f, x[:8], jnp.asarray(target[:8]), composite="attn_lrp"))
+    theirs = lxt_relevance(twin, x[:8], target[:8])
+    return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
 def markdown(results) -> str:
     lines = [
         f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}; "
@@ -587,18 +635,19 @@ def markdown(results) -> str:
             name += "; first column: epoch 1, second: all epochs"
         lines.append(f"| {name} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
     if results.get("ratios"):
-        lines += ["", *[f"- {k}: {v:.2f}" for k, v in results["ratios"].items()]]
+        lines += ["", *[f"- {k}: {v:.2f}" if abs(v) >= 0.01 else f"- {k}: {v:.1e}"
+                        for k, v in results["ratios"].items()]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("train", "explain", "user_model", "accuracy", "devices")
+SECTIONS = ("train", "explain", "user_model", "transformer", "accuracy", "devices")
 
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument(
         "--only",
-        default="train,explain,user_model",
+        default="train,explain,user_model,transformer",
         help="comma-separated sections: " + ", ".join(SECTIONS),
     )
     p.add_argument(
@@ -750,6 +799,21 @@ def main(argv=None) -> int:
                 rows[1]["median_s"] / rows[0]["median_s"]
             )
             results["ratios"]["largest |JAX − zennit| / largest |zennit|, VGG-BN, float32"] = diff
+    if "transformer" in sections:
+        print(f"AttnLRP of a ViT on {args.images} test images ...", flush=True)
+        rows, diff = bench_transformer(test_x[: args.images], args.repeats, peers)
+        results["rows"] += rows
+        results["ratios"]["JAX AttnLRP first call (tracing + compiling), ViT, s"] = rows[0][
+            "first_s"
+        ]
+        results["ratios"]["AttnLRP time / saliency time, ViT"] = (
+            rows[0]["median_s"] / rows[1]["median_s"]
+        )
+        if diff is not None:
+            results["ratios"]["LXT AttnLRP time / JAX AttnLRP time, ViT"] = (
+                rows[2]["median_s"] / rows[0]["median_s"]
+            )
+            results["ratios"]["largest |JAX − LXT| / largest |LXT|, ViT, float32"] = diff
     md = markdown(results)
     print(md)
     write_report(args.out, results, md)
