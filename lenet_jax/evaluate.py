@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from lenet_jax.data import normalized_range
 from lenet_jax.explain.common import chunked_map
@@ -218,9 +219,23 @@ def conservation_error(model, params, x, target, attribution):
 
 
 def param_layers_top_down(model) -> list[str]:
-    """Names of the layers with parameters, output layer first (the cascade's order)."""
+    """Names of the top-level modules and parameters, output layer first (the cascade's order):
+    ordered by where the forward pass first reads them, not by name (a ViT's ``pos`` comes after
+    its ``embed`` and before ``block_0``)."""
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    return list(reversed(list(shapes)))
+    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(shapes, x).jaxpr
+    first_read = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for var in eqn.invars:
+            if not isinstance(var, jcore.Literal):
+                first_read.setdefault(var, i)
+    leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    order: dict[str, float] = {}
+    for (path, _), var in zip(leaves, jaxpr.invars, strict=False):
+        name = path[0].key
+        order[name] = min(order.get(name, float("inf")), first_read.get(var, float("inf")))
+    return sorted(order, key=lambda name: order[name], reverse=True)
 
 
 def randomized_params(model, params, n_layers: int, key: jax.Array):

@@ -9,7 +9,7 @@ from scipy import stats
 
 from lenet_jax import evaluate, explain
 from lenet_jax.data import normalized_range
-from lenet_jax.models import ImageClassifier, LeNet5, explained, init_params
+from lenet_jax.models import ImageClassifier, LeNet5, ViT, explained, init_params
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -114,6 +114,10 @@ def test_randomized_params_replace_exactly_the_top_layers():
     model = LeNet5()
     params = init_params(model, jax.random.key(0))
     assert evaluate.param_layers_top_down(model) == ["fc3", "fc2", "fc1", "conv2", "conv1"]
+    # forward order, not the parameters' alphabetical one
+    assert evaluate.param_layers_top_down(ViT()) == [
+        "head", "ln", "block_1", "block_0", "pos", "cls", "embed"
+    ]  # fmt: skip
     new = evaluate.randomized_params(model, params, 2, jax.random.key(7))
     for name in ("fc3", "fc2"):
         assert not np.allclose(new[name]["kernel"], params[name]["kernel"])
