@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -23,13 +24,17 @@ from lenet_jax.data import get_dataset
 # ITU-R BT.601 luma, as Pillow's "L" conversion.
 _LUMA = np.array([0.299, 0.587, 0.114])
 MNIST_BOX = 20  # the side of the box MNIST's digits were scaled into
+# The largest picture read: its header is checked before decoding, so that a small compressed file
+# cannot make a huge image (a 200 KB PNG can hold 14000x14000 pixels).
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 
 def read_image(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
     """One image file as a uint8 image of ``dataset``: ``[H, W]`` (gray) or ``[H, W, C]`` (color).
 
-    Reads what matplotlib reads (PNG natively; JPEG and the other Pillow formats). Transparent
-    pixels are composited onto white.
+    Reads what Pillow reads (PNG, JPEG, ...), up to ``MAX_PIXELS`` pixels (checked from the
+    header, before decoding). Transparent pixels are composited onto white.
 
     Raises:
       ValueError: a missing or unreadable file, or (gray datasets) a blank image.
@@ -41,7 +46,7 @@ def read_image(path: str | os.PathLike, dataset: str = "mnist") -> np.ndarray:
 
 
 def decode_image(data: bytes, dataset: str = "mnist") -> np.ndarray:
-    """``read_image`` of a picture's bytes (e.g. an uploaded PNG)."""
+    """``read_image`` of a picture's bytes (e.g. an uploaded PNG or JPEG)."""
     return as_dataset_image(_read_rgb(io.BytesIO(data), "the picture"), dataset, "the picture")
 
 
@@ -100,23 +105,45 @@ def mnist_layout(gray, size: int = 28, box: int = MNIST_BOX) -> np.ndarray:
 
 
 def _read_rgb(source, what: str) -> np.ndarray:
-    import matplotlib.image
+    """The picture as RGB floats ``[H, W, 3]`` in [0, 1], its size checked from the header before
+    any pixel is decoded (a small compressed file can hold a huge image)."""
+    from PIL import Image
 
+    limit = f"the largest picture read is {MAX_PIXELS:,} pixels (e.g. {MAX_SIDE}x{MAX_SIDE})"
     try:
-        img = np.asarray(matplotlib.image.imread(source))
-    except Exception as e:  # Pillow and matplotlib raise several kinds for a non-image
+        image = Image.open(source)
+        width, height = image.size
+    except Image.DecompressionBombError as e:  # Pillow's own limit, far above ours
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        raise ValueError(f"{what} is {size}; {limit}") from None
+    except Exception as e:  # Pillow raises several kinds for a non-image
         raise ValueError(f"cannot read {what}: {type(e).__name__}: {e}") from None
-    if np.issubdtype(img.dtype, np.integer):
-        img = img / np.iinfo(img.dtype).max
-    img = img.astype(np.float64)
+    with image:
+        if width * height > MAX_PIXELS:
+            raise ValueError(f"{what} is {width}x{height} pixels; {limit}")
+        try:
+            img = _pixels(image)
+        except Exception as e:
+            raise ValueError(f"cannot read {what}: {type(e).__name__}: {e}") from None
     if img.ndim == 2:
         img = img[..., None]
-    if img.ndim != 3 or img.shape[-1] not in (1, 2, 3, 4):
-        raise ValueError(f"cannot read {what}: unexpected shape {img.shape}")
     if img.shape[-1] in (2, 4):  # with alpha: composite onto white
         color, alpha = img[..., :-1], img[..., -1:]
         img = color * alpha + (1.0 - alpha)
     return np.broadcast_to(img, (*img.shape[:2], 3)) if img.shape[-1] == 1 else img
+
+
+def _pixels(image) -> np.ndarray:
+    """A Pillow image's pixels as floats in [0, 1]: gray, gray + alpha, RGB or RGBA."""
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, np.float32) / 65535.0
+    if image.mode not in ("1", "L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGBA")
+    img = np.asarray(image)
+    if img.dtype == bool:
+        return img.astype(np.float32)
+    return img.astype(np.float32) / 255.0
 
 
 def _resize(img_HWC, shape) -> np.ndarray:

@@ -22,12 +22,19 @@ def main(argv=None) -> int:
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
     p.add_argument("--port", type=cli.positive_int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="another host name browsers may reach the server by (with --host 0.0.0.0: the "
+        "machine's name or address); 127.0.0.1, localhost and --host are always allowed",
+    )
     cli.add_data_arguments(p)
     args = p.parse_args(argv)
     try:
         import uvicorn
 
-        from lenet_jax.serve.app import create_app
+        from lenet_jax.serve.app import HOSTS, create_app, server_config
         from lenet_jax.serve.explorer import Explorer
     except ImportError as e:
         p.exit(1, f"{p.prog}: error: {e.name} is missing; install it: pip install -e '.[serve]'\n")
@@ -36,7 +43,9 @@ def main(argv=None) -> int:
     with cli.one_line_errors(p):
         explorer = Explorer(run, data_dir=args.data_dir, data_source=args.data_source)
     print(f"Explorer of {run} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
-    uvicorn.run(create_app(explorer), host=args.host, port=args.port, log_level="warning")
+    hosts = tuple(dict.fromkeys((*HOSTS, args.host, *args.allow_host)))
+    app = create_app(explorer, hosts=hosts)
+    uvicorn.Server(server_config(app, args.host, args.port)).run()
     return 0
 
 

@@ -85,3 +85,57 @@ def test_bad_files_are_one_clear_error(tmp_path):
         read_image(save(tmp_path / "white.png", np.ones((30, 30))))
     with pytest.raises(ValueError, match="no image files given"):
         read_images([])
+
+
+def huge_png(width, height) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels and whose data is one tiny image:
+    what a decompression bomb looks like before it is decoded."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def test_a_huge_picture_is_refused_from_its_header_before_decoding(tmp_path):
+    from lenet_jax.image_files import MAX_PIXELS, decode_image
+
+    limit = r"; the largest picture read is 16,777,216 pixels \(e.g. 4096x4096\)$"
+    with pytest.raises(ValueError, match="^the picture is 196,000,000 pixels" + limit):
+        decode_image(huge_png(14000, 14000))  # above Pillow's own limit
+    with pytest.raises(ValueError, match="^the picture is 5000x5000 pixels" + limit):
+        decode_image(huge_png(5000, 5000))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(huge_png(10000, 10000))
+    with pytest.raises(ValueError, match=f"^image {path} is 10000x10000 pixels" + limit):
+        read_image(path)
+    assert MAX_PIXELS == 4096 * 4096
+    # at the limit the header passes and the (truncated) data is what fails, in one line
+    with pytest.raises(ValueError, match=r"^cannot read the picture: "):
+        decode_image(huge_png(4096, 4096))
+
+
+def test_a_jpeg_upload_reads_like_the_same_png(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from lenet_jax.image_files import decode_image
+
+    paper = np.full((84, 84), 255, np.uint8)
+    paper[20:64, 38:46] = 0  # a dark vertical stroke: a "1"
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(paper).save(jpeg, "JPEG", quality=95)
+    Image.fromarray(paper).save(png, "PNG")
+    a, b = decode_image(jpeg.getvalue()), decode_image(png.getvalue())
+    assert a.shape == b.shape == (28, 28)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 12  # JPEG's loss

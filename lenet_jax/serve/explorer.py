@@ -193,8 +193,9 @@ class Explorer:
             raise RequestError(f"unknown field {sorted(unknown)[0]!r}")
         image = self._image(request)
         methods = self._methods_of(request.get("methods"))
-        composite = request.get("composite") or self.default_composite
-        if composite not in explain.COMPOSITES:
+        composite = request.get("composite")
+        composite = self.default_composite if composite is None else composite
+        if not isinstance(composite, str) or composite not in explain.COMPOSITES:
             raise RequestError(
                 f"unknown composite {composite!r}; choose one of {list(explain.COMPOSITES)}"
             )
@@ -240,10 +241,7 @@ class Explorer:
                 return decode_image(raw, self.model.dataset) / 255.0
             except (binascii.Error, ValueError) as e:
                 raise RequestError(f"cannot decode the PNG: {str(e).splitlines()[0]}") from None
-        try:
-            image = np.asarray(request["image"], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise RequestError('"image" must be 28 rows of 28 numbers') from None
+        image = _numbers(request["image"])
         if image.shape != (28, 28):
             raise RequestError(f'"image" must be 28x28, got shape {list(image.shape)}')
         if not np.isfinite(image).all():
@@ -270,3 +268,21 @@ class Explorer:
         if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < k:
             raise RequestError(f'"target" must be null or a class 0..{k - 1}, got {target!r}')
         return target
+
+
+def _numbers(value) -> np.ndarray:
+    """A JSON array of arrays of numbers as float64: strings, booleans and numbers beyond float64
+    (``1e400`` arrives as an int) are refused."""
+    rows = value if isinstance(value, list) else None
+    if rows is None or not all(isinstance(row, list) for row in rows):
+        raise RequestError('"image" must be 28 rows of 28 numbers')
+    for row in rows:
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise RequestError(f'"image" must hold numbers, got {type(v).__name__} {v!r:.20}')
+    try:
+        return np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
+    except OverflowError:
+        raise RequestError('"image" holds a number too large for a float') from None
+    except ValueError:  # rows of different lengths
+        raise RequestError('"image" must be 28 rows of 28 numbers') from None
