@@ -23,7 +23,7 @@ require("starlette")
 require("httpx2")
 from starlette.testclient import TestClient  # noqa: E402
 
-from lenet_jax.serve.app import MAX_BODY, create_app  # noqa: E402
+from lenet_jax.serve.app import MAX_BODY, create_app, server_config  # noqa: E402
 from lenet_jax.serve.explorer import DEFAULT_METHODS, Explorer  # noqa: E402
 
 
@@ -34,7 +34,11 @@ def explorer(tiny_run):
 
 @pytest.fixture(scope="module")
 def client(explorer):
-    return TestClient(create_app(explorer, seed=0))
+    return TestClient(create_app(explorer, seed=0), base_url=LOCAL)
+
+
+LOCAL = "http://127.0.0.1:8000"
+JSON = {"content-type": "application/json"}
 
 
 def digit(explorer, index):
@@ -42,7 +46,7 @@ def digit(explorer, index):
 
 
 def post(client, **body):
-    return client.post("/api/explain", json=body)
+    return client.post("/api/explain", json=body)  # json= sends application/json
 
 
 def test_info_describes_the_run(client, tiny_run):
@@ -111,6 +115,14 @@ def test_a_composite_and_a_png_upload(client, explorer):
     answer = post(client, png=png, methods=["saliency"]).json()
     assert np.asarray(answer["image"]).shape == (28, 28)
     assert answer["predicted"] == post(client, image=image.tolist(), methods=[]).json()["predicted"]
+    # the page uploads whatever the browser picked: a JPEG is read as the command line reads it
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.fromarray(np.uint8(255 * (1 - image))).resize((84, 84)).save(jpeg, "JPEG", quality=95)
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode()
+    from_jpeg = post(client, png=url, methods=[]).json()
+    assert from_jpeg["predicted"] == answer["predicted"]
 
 
 BAD = [
@@ -123,15 +135,23 @@ BAD = [
     (dict(image=[[0.0] * 28] * 28, composite="zplus"), "unknown composite 'zplus'; choose one of"),
     (dict(image=[[0.0] * 28] * 28, target=10), '"target" must be null or a class 0..9, got 10'),
     (dict(image=[[0.0] * 28] * 28, target="7"), "\"target\" must be null or a class 0..9, got '7'"),
-    (dict(png="bm90IGEgcG5n"), "cannot decode the PNG: "),
-    (dict(png="%%%"), "cannot decode the PNG: "),
+    (dict(png="bm90IGEgcG5n"), "cannot read the picture: UnidentifiedImageError: "),
+    (dict(png="%%%"), '"png" is not base64: '),
     (dict(image=[[0.0] * 28] * 28, path="/etc/passwd"), "unknown field 'path'"),
+    (dict(image=[["0.5"] * 28] * 28), "\"image\" must hold numbers, got str '0.5'"),
+    (dict(image=[[True] * 28] * 28), '"image" must hold numbers, got bool True'),
+    (dict(image=[[0.0] * 28] * 27 + [[10**400] + [0.0] * 27]), '"image" holds a number too large'),
+    (dict(image=[[0.0] * 28] * 28, composite={"a": 1}), "unknown composite {'a': 1}; choose one"),
+    (dict(image=[[0.0] * 28] * 28, composite=["epsilon"]), "unknown composite ['epsilon']; choose"),
+    (dict(image=[[0.0] * 28] * 28, composite=""), "unknown composite ''; choose one of"),
+    (dict(image=[[0.0] * 28] * 28, composite=False), "unknown composite False; choose one of"),
+    (dict(png=None), '"png" must be a base64 string'),
 ]
 
 
 @pytest.mark.parametrize("body, message", BAD)
 def test_bad_requests_are_400_with_one_line_and_the_server_goes_on(client, explorer, body, message):
-    r = client.post("/api/explain", content=json.dumps(body))
+    r = client.post("/api/explain", content=json.dumps(body), headers=JSON)
     assert r.status_code == 400
     error = r.json()["error"]
     assert error.startswith(message) and "\n" not in error
@@ -139,15 +159,83 @@ def test_bad_requests_are_400_with_one_line_and_the_server_goes_on(client, explo
 
 
 def test_not_json_and_oversized_bodies_are_400(client):
-    r = client.post("/api/explain", content=b"{image: 7")
+    r = client.post("/api/explain", content=b"{image: 7", headers=JSON)
     assert (r.status_code, r.json()) == (400, {"error": "the body is not JSON"})
-    r = client.post("/api/explain", content=b" " * (MAX_BODY + 1))
+    r = client.post("/api/explain", content=b" " * (MAX_BODY + 1), headers=JSON)
     assert (r.status_code, r.json()) == (
         400,
         {"error": f"the body must be at most {MAX_BODY} bytes"},
     )
     r = client.get("/api/digit?kind=best")
     assert r.status_code == 400 and r.json()["error"].startswith("unknown kind 'best'")
+
+
+def test_a_deeply_nested_body_and_a_decompression_bomb_are_400(client):
+    from test_image_files import huge_png
+
+    r = client.post("/api/explain", content=b"[" * 100_000 + b"]" * 100_000, headers=JSON)
+    assert (r.status_code, r.json()) == (400, {"error": "the body's JSON is nested too deeply"})
+    bomb = base64.b64encode(huge_png(14000, 14000)).decode()
+    assert len(bomb) < 200
+    r = post(client, png=bomb)
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "the picture is 196,000,000 pixels; the largest picture read is 16,777,216 pixels "
+        "(e.g. 4096x4096)"
+    )
+
+
+def test_other_pages_cannot_drive_it(explorer):
+    """A cross-site form or fetch without a preflight sends text/plain; a DNS-rebinding page
+    reaches the server under its own host name."""
+    body = json.dumps({"image": [[0.0] * 28] * 28})
+    local = TestClient(create_app(explorer, seed=0), base_url=LOCAL)
+    r = local.post("/api/explain", content=body, headers={"content-type": "text/plain"})
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "the body must be application/json, not text/plain"},
+    )
+    assert local.post("/api/explain", content=body).json()["error"].endswith("not untyped")
+    assert local.post("/api/explain", content=body, headers=JSON).status_code == 200
+    evil = TestClient(create_app(explorer, seed=0), base_url="http://evil.example.com")
+    for path in ("/", "/api/info", "/api/digit"):
+        r = evil.get(path)
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("unknown host 'evil.example.com': this server answers")
+    assert (
+        TestClient(create_app(explorer), base_url="http://localhost:8000").get("/").status_code
+        == 200
+    )
+    named = TestClient(create_app(explorer, hosts=("box.lan",)), base_url="http://box.lan")
+    assert named.get("/api/info").status_code == 200
+
+
+def test_a_client_that_disconnects_mid_body_is_one_log_line(client, caplog):
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    import asyncio
+
+    app = client.app
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/explain",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                    (b"content-length", b"100")],
+        "query_string": b"",
+    }  # fmt: skip
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level("WARNING", logger="lenet_jax.serve"):
+        asyncio.run(app(scope, receive, send))
+    assert [r.getMessage() for r in caplog.records] == [
+        "a client disconnected before sending its whole request"
+    ]
+    assert sent[0]["status"] == 400
 
 
 def test_test_digits_and_misclassified_ones(client, explorer):
@@ -191,7 +279,7 @@ def server(explorer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(explorer), host="127.0.0.1", port=port, log_level="error")
+    config = server_config(create_app(explorer), "127.0.0.1", port, request_timeout=1.0)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -268,7 +356,7 @@ def test_drawing_in_a_real_browser_updates_probabilities_and_heatmaps(server, tm
 def test_the_explorer_serves_a_vit_with_attn_lrp(tiny_vit_run):
     """A ViT run: AttnLRP by default, the patch embedding's feature maps, the library's maps."""
     explorer = Explorer(tiny_vit_run, log=lambda message: None)
-    client = TestClient(create_app(explorer, seed=0))
+    client = TestClient(create_app(explorer, seed=0), base_url=LOCAL)
     info = client.get("/api/info").json()
     assert info["default_composite"] == "attn_lrp" and info["feature_layer"] == "embed"
     image = digit(explorer, 5)
@@ -281,3 +369,33 @@ def test_the_explorer_serves_a_vit_with_attn_lrp(tiny_vit_run):
     np.testing.assert_allclose(answer["heatmaps"]["lrp"], expected, rtol=1e-4, atol=1e-6)
     cp = post(client, image=image.tolist(), methods=["lrp"], target=2, composite="cp_lrp").json()
     assert cp["lrp"]["composite"] == "cp_lrp" and cp["heatmaps"]["lrp"] != answer["heatmaps"]["lrp"]
+
+
+def test_slow_and_idle_clients_are_let_go(server):
+    """The real server (uvicorn, ``server_config`` with a 1 s request deadline): a client that
+    sends half a request head is disconnected; connections beyond the limit get 503 until the idle
+    ones are closed, then requests succeed again."""
+    import urllib.error
+    import urllib.request
+
+    from lenet_jax.serve.app import MAX_CONNECTIONS
+
+    port = int(server.rstrip("/").rsplit(":", 1)[1])
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the end
+    slow.settimeout(5)
+    started = time.perf_counter()
+    assert slow.recv(1024) == b""  # closed by the server
+    assert 0.8 < time.perf_counter() - started < 4
+    slow.close()
+
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(server + "api/info", timeout=5)
+        assert busy.value.code == 503
+        time.sleep(1.5)  # the idle connections' deadline passes
+        assert urllib.request.urlopen(server + "api/info", timeout=5).status == 200
+    finally:
+        for s in idle:
+            s.close()

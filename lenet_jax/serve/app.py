@@ -5,7 +5,8 @@ Routes (the contract the tests and the page use):
 * ``GET /`` — the page (``page.html``), self-contained.
 * ``GET /api/info`` — the run's model, dataset, classes, methods and composites.
 * ``GET /api/digit?kind=random|misclassified`` — a test digit ``{"index", "label", "image"}``.
-* ``POST /api/explain`` — ``{"image": 28x28 floats in [0, 1] (ink = 1)}`` or ``{"png": "<base64>"}``,
+* ``POST /api/explain`` — ``{"image": 28x28 floats in [0, 1] (ink = 1)}`` or ``{"png": "<base64>"}``
+  (a PNG, JPEG or any picture Pillow reads, at most ``image_files.MAX_PIXELS`` pixels),
   with optional ``"methods"`` (default: all but occlusion), ``"target"`` (``null``: the predicted
   class) and ``"composite"`` (LRP's) -> ``{"probabilities", "predicted", "target", "heatmaps":
   {method: [[...]]}, "lrp": {...}}``, each map at the model's input resolution.

@@ -238,9 +238,12 @@ class Explorer:
                 raise RequestError('"png" must be a base64 string')
             try:
                 raw = base64.b64decode(data.split(",", 1)[-1], validate=True)
+            except binascii.Error as e:
+                raise RequestError(f'"png" is not base64: {e}') from None
+            try:  # a PNG, a JPEG or any picture Pillow reads, its size checked first
                 return decode_image(raw, self.model.dataset) / 255.0
-            except (binascii.Error, ValueError) as e:
-                raise RequestError(f"cannot decode the PNG: {str(e).splitlines()[0]}") from None
+            except ValueError as e:
+                raise RequestError(str(e).splitlines()[0]) from None
         image = _numbers(request["image"])
         if image.shape != (28, 28):
             raise RequestError(f'"image" must be 28x28, got shape {list(image.shape)}')
