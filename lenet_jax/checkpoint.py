@@ -73,32 +73,55 @@ def _key_data(key):
     )
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], bytes] | None:
-    """``(metadata, state_bytes)`` of the newest intact checkpoint in ``run_dir``, or ``None``.
+def latest_checkpoint(run_dir: str | Path, epoch: int | None = None):
+    """``(metadata, state_bytes)`` of the newest checkpoint in ``run_dir`` (or of ``epoch``), or
+    ``None`` when there is none.
 
-    A checkpoint whose state file is missing or does not match its hash is skipped (the previous one
-    is used). Metadata that was changed after it was written is an error, not skipped: the run
-    would otherwise quietly continue from an older epoch.
+    Checkpoints are written atomically, state first and its JSON last, so a killed process never
+    leaves a damaged one: a newest checkpoint that is damaged (truncated or changed bytes, a missing
+    state file, an edited JSON) was damaged afterwards, and is refused rather than quietly replaced
+    by an older epoch. The message names the file and how to fall back (``--epoch N``).
 
     Raises:
-      CheckpointError: the newest checkpoint's JSON does not match its checksum.
+      CheckpointError: the checkpoint is damaged, or ``epoch`` has none.
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
-    for meta_path in reversed(_checkpoint_files(ckpt_dir)):
-        try:
-            meta = json.loads(meta_path.read_text())
-            payload = (ckpt_dir / meta["state_file"]).read_bytes()
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
-            continue
-        if "checksum" in meta and meta["checksum"] != _checksum(meta):
+    files = _checkpoint_files(ckpt_dir)
+    epochs = [int(_NAME.search(p.name).group(1)) for p in files]
+    if epoch is not None:
+        if epoch not in epochs:
             raise CheckpointError(
-                f"{meta_path} was changed after it was written (its checksum does not match); "
-                "restore it, or delete it to use the previous epoch"
+                f"{run_dir} has no checkpoint of epoch {epoch}; its epochs are {epochs}"
             )
-        return meta, payload
-    return None
+        files = files[: epochs.index(epoch) + 1]
+    if not files:
+        return None
+    meta_path, earlier = files[-1], epochs[: len(files) - 1]
+    fallback = (
+        f"pass --epoch {earlier[-1]} to use the previous epoch, or restore it"
+        if earlier
+        else "restore it, or train again"
+    )
+    try:
+        meta = json.loads(meta_path.read_text())
+        state_path = ckpt_dir / meta["state_file"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{meta_path} is damaged ({reason}); {fallback}") from None
+    if "checksum" in meta and meta["checksum"] != _checksum(meta):
+        raise CheckpointError(
+            f"{meta_path} was changed after it was written (its checksum does not match); "
+            f"{fallback}"
+        )
+    try:
+        payload = state_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{state_path} cannot be read ({e.strerror}); {fallback}") from None
+    if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(
+            f"{state_path} is damaged (its sha256 does not match {meta_path.name}); {fallback}"
+        )
+    return meta, payload
 
 
 def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
@@ -161,16 +184,17 @@ def check_model(metadata: dict[str, Any], expected_model: dict) -> None:
         )
 
 
-def load_params(run_dir: str | Path):
-    """The model, params and metadata of the newest checkpoint in ``run_dir``, for inference.
+def load_params(run_dir: str | Path, epoch: int | None = None):
+    """The model, params and metadata of the newest checkpoint in ``run_dir`` (or of ``epoch``),
+    for inference.
 
     Returns:
       ``(model, params, metadata)``; ``params`` is the ``"params"`` collection.
 
     Raises:
-      CheckpointError: no intact checkpoint in ``run_dir``.
+      CheckpointError: no checkpoint in ``run_dir``, or a damaged one (``latest_checkpoint``).
     """
-    found = latest_checkpoint(run_dir)
+    found = latest_checkpoint(run_dir, epoch)
     if found is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
     meta, payload = found

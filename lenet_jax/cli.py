@@ -100,9 +100,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_run(parser: argparse.ArgumentParser, run):
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--run`` (default: the newest run in runs/) and ``--epoch`` (default: the newest)."""
+    parser.add_argument(
+        "--run", type=Path, default=None, help="run folder (default: newest in runs/)"
+    )
+    parser.add_argument(
+        "--epoch",
+        type=positive_int,
+        default=None,
+        help="the checkpoint of this epoch (default: the newest)",
+    )
+
+
+def resolve_run(parser: argparse.ArgumentParser, run, epoch: int | None = None):
     """The run folder to use: ``run`` if given, else the newest in ``runs/``; exits with a one-line
-    error when there is none or it does not exist."""
+    error when there is none, it does not exist, or its checkpoint (the newest, or ``epoch``'s) is
+    damaged. Says on one line which run, model, dataset and epoch it is."""
+    from lenet_jax.checkpoint import CheckpointError, latest_checkpoint
     from lenet_jax.experiment import latest_run
 
     run = run or latest_run()
@@ -116,7 +131,31 @@ def resolve_run(parser: argparse.ArgumentParser, run):
         parser.exit(1, f"{parser.prog}: error: --run {run} is a file; name the run's folder\n")
     if not run.is_dir():
         parser.exit(1, f"{parser.prog}: error: run folder {run} does not exist\n")
+    try:
+        found = latest_checkpoint(run, epoch)
+    except CheckpointError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    if found is None:
+        parser.exit(1, f"{parser.prog}: error: no checkpoint in {run}\n")
+    print(run_summary(run, found[0]), flush=True)
     return run
+
+
+def run_summary(run, meta: dict) -> str:
+    """``Run runs/x: vit on MNIST, epoch 10 of 10, test accuracy 98.33%`` for a checkpoint's
+    metadata."""
+    from lenet_jax.data import get_dataset
+
+    model = meta.get("model", {})
+    try:
+        dataset = get_dataset(model.get("dataset", "mnist")).title
+    except ValueError:
+        dataset = model.get("dataset")
+    accuracy = meta.get("test", {}).get("accuracy")
+    total = meta.get("config", {}).get("epochs")
+    text = f"Run {run}: {model.get('name')} on {dataset}, epoch {meta.get('epoch')}"
+    text += f" of {total}" if total else ""
+    return text + (f", test accuracy {100 * accuracy:.2f}%" if accuracy is not None else "")
 
 
 @contextlib.contextmanager

@@ -79,6 +79,7 @@ class _Inputs:
 def evaluate_run(
     run_dir: str | Path,
     *,
+    epoch: int | None = None,
     methods: list[str] | None = None,
     composites: list[str] | None = None,
     n: int = 1000,
@@ -90,7 +91,8 @@ def evaluate_run(
     data_source=None,
     progress: bool = True,
 ) -> dict:
-    """Scores every method (and LRP composite) on the first ``n`` test images of a trained run.
+    """Scores every method (and LRP composite) on the first ``n`` test images of a trained run
+    (its newest checkpoint, or ``epoch``'s).
 
     Writes ``evaluation.md``, ``evaluation.csv``, ``evaluation.json``, ``flipping_curves.png`` and
     ``randomization.png`` into ``out`` (default ``run_dir/evaluation``), which is checked and locked
@@ -108,7 +110,7 @@ def evaluate_run(
     entries = evaluation_entries(methods, composites)
     out = Path(out) if out else Path(run_dir) / "evaluation"
     with locked_folder(out, "--out"):
-        inputs = _inputs(run_dir, n, n_randomization, patch, n_steps, data_dir, data_source)
+        inputs = _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_source)
         random = _random_baselines(inputs)
         rows, curves, cascades, layers = [], {}, {}, None
         bar = tqdm(entries.items(), desc="evaluating", disable=not progress, file=sys.stderr)
@@ -133,10 +135,10 @@ def evaluate_run(
     return results
 
 
-def _inputs(run_dir, n, n_randomization, patch, n_steps, data_dir, data_source) -> _Inputs:
+def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_source) -> _Inputs:
     """The run's model and the first ``n`` test images (fewer when the test set is smaller), their
     predicted classes, and the jitted metrics; with several devices, the batch split over them."""
-    model, params, _ = checkpoint.load_params(run_dir)
+    model, params, _ = checkpoint.load_params(run_dir, epoch)
     images, _ = load_dataset(
         model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,18 @@ from lenet_jax.train import (
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
-    """``runs/YYYYmmdd-HHMMSS`` (with a suffix when taken), not yet created."""
+    """A new, empty ``runs/YYYYmmdd-HHMMSS`` folder (``-1``, ``-2``, ... when taken), created here:
+    two trainings started in the same second get two folders."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path, i = Path(root) / stamp, 1
-    while path.exists():
-        path, i = Path(root) / f"{stamp}-{i}", i + 1
-    return path
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for i in itertools.count():
+        path = Path(root) / (f"{stamp}-{i}" if i else stamp)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def latest_run(root: str | Path = "runs") -> Path | None:
@@ -62,6 +69,7 @@ def train_and_evaluate(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     data_dir: str | Path | None = None,
     data_source: str | None = None,
     train_limit: int | None = None,
@@ -78,7 +86,9 @@ def train_and_evaluate(
       model: the Linen model; ``None`` with ``resume`` takes the checkpoint's.
       config: hyperparameters (for ``resume``, the run's saved config is used instead).
       run_dir: the run folder (created).
-      resume: continue from the newest intact checkpoint in ``run_dir``.
+      resume: continue from the newest checkpoint in ``run_dir`` (a damaged one is refused).
+      overwrite: a new run in a folder holding files of another: they are moved aside first, into
+        ``<run_dir>.replaced/<time>/`` (without it such a folder is refused).
       data_dir, data_source: where the model's dataset comes from (``lenet_jax.data.load_dataset``).
       train_limit: train on the first N training images only (smoke runs).
       figures: write the PNG figures at the end.
@@ -101,7 +111,14 @@ def train_and_evaluate(
         if writer:
             for path in checkpoint.remove_unfinished(run_dir):
                 _log(f"Removed {path}, left unfinished by an interrupted run")
+            if overwrite and not resume:
+                aside = _move_aside(run_dir)
+                if aside is not None:
+                    _log(f"Moved the earlier files of {run_dir} to {aside}")
         model, config, train_limit, found = _settings(model, config, run_dir, resume, train_limit)
+        if writer:
+            what = f"resuming after epoch {found[0]['epoch']}" if found else "a new run"
+            _log(f"Run {run_dir}: {model_config(model)['name']} on {model.dataset}, {what}")
         mesh = parallel.default_mesh() if mesh == "auto" else mesh
         parallel.check_batch(config.batch_size, mesh)
         data = _load_data(model, data_dir, data_source, train_limit, mesh, progress)
@@ -148,21 +165,43 @@ class _Run:
 def _settings(model, config, run_dir: Path, resume: bool, train_limit):
     """``(model, config, train_limit, found)``: for ``resume``, the checkpoint's settings and the
     checkpoint itself; for a new run, the given ones after checking the folder holds no run."""
-    found = checkpoint.latest_checkpoint(run_dir)
     if not resume:
-        if found is not None:
+        earlier = _run_files(run_dir)
+        if earlier:
             raise checkpoint.CheckpointError(
-                f"{run_dir} already holds a run; use --resume to continue it or another --out"
+                f"{run_dir} already holds files of a run ({', '.join(earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}); use --resume to continue it, "
+                "--overwrite to move them aside, or another --out"
             )
         if model is None:
             raise ValueError("a model is needed unless resuming a run")
         return model, config, train_limit, None
+    found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
-        raise checkpoint.CheckpointError(f"--resume: no intact checkpoint in {run_dir}")
+        raise checkpoint.CheckpointError(f"--resume: no checkpoint in {run_dir}")
     meta = found[0]
     model = build_model(meta["model"]) if model is None else model
     checkpoint.check_model(meta, model_config(model))
     return model, TrainConfig(**meta["config"]), meta.get("train_limit"), found
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """What ``run_dir`` holds besides its lock, sorted."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != io.LOCK_NAME)
+
+
+def _move_aside(run_dir: Path) -> Path | None:
+    """Moves everything in ``run_dir`` but its lock into a new sibling folder
+    ``<name>.replaced-<time>``; returns it (``None`` when there was nothing to move)."""
+    names = _run_files(run_dir)
+    if not names:
+        return None
+    aside = new_run_dir(run_dir.parent / f"{run_dir.name}.replaced")
+    for name in names:
+        (run_dir / name).rename(aside / name)
+    return aside
 
 
 def _load_data(model, data_dir, data_source, train_limit, mesh, progress: bool) -> _Data:

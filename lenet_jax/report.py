@@ -117,6 +117,7 @@ def explain_run(
     run_dir: str | Path,
     method: str,
     *,
+    epoch: int | None = None,
     n: int = 16,
     indices: Sequence[int] | None = None,
     images: Sequence[str | Path] | None = None,
@@ -133,6 +134,7 @@ def explain_run(
 
     Args:
       method: a name in ``explain.METHODS`` or ``"all"`` (the side-by-side comparison).
+      epoch: the checkpoint of this epoch (default: the newest).
       n: how many test images: the first ``n``, or for ``"all"`` a mix with a quarter misclassified.
       indices: these test images instead.
       images: these image files instead of test images (``image_files.read_images``: inverted if
@@ -158,7 +160,7 @@ def explain_run(
         if out.suffix.lower() != ".png":
             raise ValueError(f"--out must name a .png file, got {out}")
     writable_folder(Path(run_dir) if out is None else out.parent, "--out")
-    model, params, _ = checkpoint.load_params(run_dir)
+    model, params, _ = checkpoint.load_params(run_dir, epoch)
     composite = composite or models.default_composite(model)  # names the default output
     if out is None:
         out = Path(run_dir) / output_name(

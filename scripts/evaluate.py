@@ -21,7 +21,7 @@ def _names(text: str) -> list[str] | None:
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
+    cli.add_run_arguments(p)
     p.add_argument("--methods", default="all", help="comma-separated method names, or all")
     p.add_argument("--composites", default="all", help="comma-separated LRP composites, or all")
     p.add_argument("--n", type=cli.positive_int, default=1000, help="test images to evaluate")
@@ -40,10 +40,11 @@ def main(argv=None) -> int:
 
     from lenet_jax.evaluation_report import evaluate_run, evaluation_markdown
 
-    run = cli.resolve_run(p, args.run)
+    run = cli.resolve_run(p, args.run, args.epoch)
     with cli.one_line_errors(p):
         results = evaluate_run(
             run,
+            epoch=args.epoch,
             methods=_names(args.methods),
             composites=_names(args.composites),
             n=args.n,

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         help="LRP composite (rules per layer) (default: the model's: attn_lrp for a ViT, "
         "epsilon_plus_flat for the CNNs)",
     )
-    p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
+    cli.add_run_arguments(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--n",
@@ -82,11 +82,12 @@ def main(argv=None) -> int:
 
     from lenet_jax.report import explain_run
 
-    run = cli.resolve_run(p, args.run)
+    run = cli.resolve_run(p, args.run, args.epoch)
     with cli.one_line_errors(p):
         written = explain_run(
             run,
             args.method,
+            epoch=args.epoch,
             n=args.n,
             indices=args.indices,
             images=args.image,

@@ -17,7 +17,7 @@ from lenet_jax import cli  # noqa: E402
 
 def main(argv=None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
+    cli.add_run_arguments(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
@@ -39,9 +39,11 @@ def main(argv=None) -> int:
     except ImportError as e:
         p.exit(1, f"{p.prog}: error: {e.name} is missing; install it: pip install -e '.[serve]'\n")
 
-    run = cli.resolve_run(p, args.run)
+    run = cli.resolve_run(p, args.run, args.epoch)
     with cli.one_line_errors(p):
-        explorer = Explorer(run, data_dir=args.data_dir, data_source=args.data_source)
+        explorer = Explorer(
+            run, epoch=args.epoch, data_dir=args.data_dir, data_source=args.data_source
+        )
     print(f"Explorer of {run} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
     hosts = tuple(dict.fromkeys((*HOSTS, args.host, *args.allow_host)))
     app = create_app(explorer, hosts=hosts)

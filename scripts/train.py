@@ -71,6 +71,12 @@ def main(argv=None) -> int:
         help="continue the run in --out (default: the newest in runs/) from its last "
         "checkpoint, with its saved settings",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a new run in --out even if it holds files of another: they are moved aside first "
+        "(into OUT.replaced/<time>/)",
+    )
     cli.add_data_arguments(p)
     p.add_argument(
         "--train-limit",
@@ -100,9 +106,11 @@ def main(argv=None) -> int:
     from lenet_jax.experiment import latest_run, new_run_dir, train_and_evaluate
     from lenet_jax.models import build_model
 
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out; --overwrite moves it aside: choose one")
     run_dir = args.out
-    if run_dir is None:
-        run_dir = latest_run() if args.resume else new_run_dir()
+    if run_dir is None and args.resume:
+        run_dir = latest_run()
         if run_dir is None:
             p.error("--resume: no run with a checkpoint in runs/; name one with --out")
     with cli.one_line_errors(p):
@@ -120,11 +128,13 @@ def main(argv=None) -> int:
         given = len(model_args) > 1 or args.model is not None
         # --resume without model flags continues whatever model the run holds
         model = build_model(model_args) if given or not args.resume else None
+        run_dir = run_dir or new_run_dir()  # after every check: no empty folder left behind
         train_and_evaluate(
             model,
             config,
             run_dir,
             resume=args.resume,
+            overwrite=args.overwrite,
             data_dir=args.data_dir,
             data_source=args.data_source,
             train_limit=args.train_limit,

@@ -243,12 +243,12 @@ def test_explain_image_prints_the_prediction_and_names_its_figure(tiny_run, tmp_
     r = run_script("explain.py", "--run", run, "--method", "saliency", "--image", digit)
     assert r.returncode == 0, r.stderr
     out = run / "explain_saliency_my_digit.png"
-    assert r.stdout.splitlines()[:2] == [f"wrote {out.with_suffix('.npz')}", f"wrote {out}"]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"Run {run}: lenet5 on MNIST, epoch 1 of 1, test accuracy ")
+    assert lines[1:3] == [f"wrote {out.with_suffix('.npz')}", f"wrote {out}"]
     saved = np.load(out.with_suffix(".npz"))
     probs = np.exp(saved["logits"][0]) / np.exp(saved["logits"][0]).sum()
-    assert r.stdout.splitlines()[2] == (
-        f"{digit}: predicted {probs.argmax()} (probability {probs.max():.3f})"
-    )
+    assert lines[3] == (f"{digit}: predicted {probs.argmax()} (probability {probs.max():.3f})")
 
 
 def test_explain_options_reach_the_method(tiny_run, tmp_path):

@@ -209,7 +209,7 @@ def test_an_edited_checkpoint_json_is_refused_in_one_line(copied_run):
     path = _edit(copied_run, lambda m: m["config"].update(lr=0.5))
     message = (
         f"{path} was changed after it was written (its checksum does not match); restore it, "
-        "or delete it to use the previous epoch"
+        "or train again"
     )
     r = run_script("train.py", "--out", copied_run, "--resume")
     assert r.returncode == 1 and r.stderr.strip() == f"train.py: error: {message}"
@@ -346,3 +346,100 @@ def test_nan_in_the_first_epoch_promises_no_checkpoint_and_leaves_no_folder(
         "training loss became nan in epoch 1; no checkpoint was written; try a lower --lr"
     )
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ runs are never silently replaced
+
+
+def test_a_folder_holding_another_runs_files_is_refused_unless_overwrite(tmp_path, mnist):
+    run = tmp_path / "m1"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"history": [1, 2, 3]}')
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "epoch_002.json").write_text("{truncated")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train(run)
+    assert str(info.value) == (
+        f"{run} already holds files of a run (checkpoints, metrics.json); use --resume to "
+        "continue it, --overwrite to move them aside, or another --out"
+    )
+    assert files(run) == ["checkpoints/epoch_002.json", "metrics.json"]  # untouched
+    r = run_script("train.py", "--out", run, "--train-limit", 128, "--epochs", 1, "--no-figures",
+                   "--no-progress", "--resume", "--overwrite")  # fmt: skip
+    assert r.returncode == 2 and "choose one" in r.stderr
+    train(run, overwrite=True)
+    (aside,) = (tmp_path / "m1.replaced").iterdir()
+    assert files(aside) == ["checkpoints/epoch_002.json", "metrics.json"]
+    assert json.loads((aside / "metrics.json").read_text()) == {"history": [1, 2, 3]}
+    assert files(run) == COMPLETE_RUN  # a whole new run, nothing of the old one mixed in
+
+
+def test_two_default_run_folders_made_in_the_same_second_differ(tmp_path, monkeypatch):
+    import datetime
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 12, 0, 0)
+
+    monkeypatch.setattr(experiment.datetime, "datetime", Frozen)
+    made = [experiment.new_run_dir(tmp_path) for _ in range(3)]
+    assert [p.name for p in made] == ["20261206-120000", "20261206-120000-1", "20261206-120000-2"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda ck: ck["msgpack"].write_bytes(ck["msgpack"].read_bytes()[:-100]), "msgpack"),
+        (lambda ck: _flip(ck["msgpack"]), "msgpack"),
+        (lambda ck: ck["json"].write_text(ck["json"].read_text()[:-40]), "json"),
+        (lambda ck: ck["msgpack"].unlink(), "missing"),
+    ],
+    ids=["truncated_state", "flipped_state", "truncated_json", "missing_state"],
+)
+def test_a_damaged_newest_checkpoint_is_refused_naming_it_and_the_way_back(
+    tmp_path, tiny_run, damage, message
+):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = run / "checkpoints"
+    # a second epoch, as a longer run would have: the first one's files under the next name
+    for ext in ("msgpack", "json"):
+        shutil.copy(ckpt / f"epoch_001.{ext}", ckpt / f"epoch_002.{ext}")
+    meta = json.loads((ckpt / "epoch_002.json").read_text())
+    meta.update(epoch=2, state_file="epoch_002.msgpack")
+    meta["checksum"] = checkpoint._checksum(meta)
+    (ckpt / "epoch_002.json").write_text(json.dumps(meta))
+    assert checkpoint.latest_checkpoint(run)[0]["epoch"] == 2
+    damage({"msgpack": ckpt / "epoch_002.msgpack", "json": ckpt / "epoch_002.json"})
+    expected = {
+        "msgpack": f"{ckpt / 'epoch_002.msgpack'} is damaged (its sha256 does not match "
+        "epoch_002.json); pass --epoch 1 to use the previous epoch, or restore it",
+        "json": f"{ckpt / 'epoch_002.json'} is damaged (",
+        "missing": f"{ckpt / 'epoch_002.msgpack'} cannot be read (No such file or directory); "
+        "pass --epoch 1 to use the previous epoch, or restore it",
+    }[message]
+    for script in ("explain.py", "evaluate.py", "serve.py"):
+        r = run_script(script, "--run", run, "--n", 2) if script != "serve.py" else (
+            run_script(script, "--run", run, "--port", 1)
+        )  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith(f"{script}: error: {expected}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not list(run.glob("explain_*")) and not (run / "evaluation").exists()
+    r = run_script("explain.py", "--run", run, "--n", 2, "--epoch", 1, "--method", "saliency")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(f"Run {run}: lenet5 on MNIST, epoch 1 of 1")
+    r = run_script("explain.py", "--run", run, "--epoch", 7)
+    assert r.returncode == 1
+    assert (
+        r.stderr.strip()
+        == f"explain.py: error: {run} has no checkpoint of epoch 7; its epochs are [1, 2]"
+    )
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

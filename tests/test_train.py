@@ -136,12 +136,16 @@ def test_checkpoint_round_trip_and_architecture_mismatch(tmp_path):
         checkpoint.restore_state(
             state, payload, found_meta, model_config(LeNet5(activation="relu"))
         )
-    # a torn write (state without its JSON, or a JSON whose hash does not match) is not used
+    # a state without its JSON (a torn write) is not a checkpoint; a JSON whose state does not
+    # match is damage done after the atomic write: refused, not replaced by an older epoch
     (tmp_path / "checkpoints" / "epoch_002.msgpack").write_bytes(b"partial")
+    assert checkpoint.latest_checkpoint(tmp_path)[0]["epoch"] == 1
     (tmp_path / "checkpoints" / "epoch_003.json").write_text(
         '{"state_file": "epoch_002.msgpack", "sha256": "0"}'
     )
-    assert checkpoint.latest_checkpoint(tmp_path)[0]["epoch"] == 1
+    with pytest.raises(checkpoint.CheckpointError, match=r"epoch_002.msgpack is damaged"):
+        checkpoint.latest_checkpoint(tmp_path)
+    assert checkpoint.latest_checkpoint(tmp_path, epoch=1)[0]["epoch"] == 1
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(

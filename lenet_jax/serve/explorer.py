@@ -37,15 +37,15 @@ class Explorer:
     """A trained run, ready to explain single drawings.
 
     Args:
-      run_dir: the run folder (its newest checkpoint is used).
+      run_dir: the run folder (its newest checkpoint is used, or ``epoch``'s).
       data_dir, data_source: where the test set comes from, for the random and misclassified
         digits; without it those buttons are off and everything else works.
       log: called with progress messages at start-up.
     """
 
-    def __init__(self, run_dir, *, data_dir=None, data_source=None, log=print):
+    def __init__(self, run_dir, *, epoch=None, data_dir=None, data_source=None, log=print):
         self.run_dir = Path(run_dir)
-        self.model, self.params, self.meta = checkpoint.load_params(run_dir)
+        self.model, self.params, self.meta = checkpoint.load_params(run_dir, epoch)
         self.dataset = get_dataset(self.model.dataset)
         if self.dataset.image_shape != (28, 28, 1):
             raise ValueError(
