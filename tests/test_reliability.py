@@ -278,6 +278,92 @@ def test_bad_inputs_are_errors_eagerly_and_nan_under_jit(name, model_fn):
     assert np.isfinite(maps[0]).all()
     maps = np.asarray(jax.jit(method)(nan_x)).reshape(3, -1)
     np.testing.assert_array_equal(np.isnan(maps).all(1), [False, True, False])
+    # NaN, inf and -inf anywhere (a corner, which a gradient may not reach): NaN maps, never a
+    # finite or all-zero one
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        maps = np.asarray(jax.jit(method)(x.at[2, 0, 0, 0].set(bad))).reshape(3, -1)
+        np.testing.assert_array_equal(np.isnan(maps).all(1), [False, False, True])
+        assert np.isfinite(maps[:2]).all()
+
+
+def test_what_a_model_gets_wrong_is_one_line():
+    import functools
+
+    import flax.linen as nn
+    from flax import nnx
+
+    x = jnp.ones((2, 32, 32, 1))
+    lenet = LeNet5()
+    variables = {"params": init_params(lenet, jax.random.key(0))}
+    pair = lambda v: (lenet.apply(variables, v), v)  # noqa: E731
+    for name in explain.METHODS:
+        with pytest.raises(ValueError) as info:
+            explain.attribute(name, pair, x, **OPTIONS.get(name, {}))
+        assert str(info.value) in (
+            "the model must return one array of logits [B, K], got a tuple",
+            "the model must map one array to one array of logits [B, K]",
+        ), name
+    flat = lambda v: lenet.apply(variables, v)[:, 0]  # noqa: E731
+    deep = lambda v: lenet.apply(variables, v)[..., None]  # noqa: E731
+    for f, shape in ((flat, "(2,)"), (deep, "(2, 10, 1)")):
+        with pytest.raises(ValueError) as info:
+            explain.lrp(f, x)
+        assert str(info.value) == (
+            f"the model must return logits [B, K] for a batch of 2, got shape {shape}"
+        )
+    with pytest.raises(
+        ValueError, match=r"^batch_size must be None or a positive integer, got -1$"
+    ):
+        explain.smoothgrad(model_fn_of(lenet, variables), x, batch_size=-1)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, v, train: bool = True):
+            v = nn.BatchNorm(use_running_average=not train)(v.reshape(v.shape[0], -1))
+            return nn.Dense(3)(v)
+
+    net = Net()
+    nv = net.init(jax.random.key(0), x)
+    with pytest.raises(ValueError) as info:
+        explain.lrp(functools.partial(net.apply, nv), x)
+    assert str(info.value).startswith(
+        "the model tried to update a variable collection, i.e. it runs in training mode: pass "
+        "its evaluation mode, e.g. functools.partial(model.apply, variables, train=False)"
+    )
+    with pytest.raises(ValueError, match="runs in training mode"):
+        explain.saliency(functools.partial(net.apply, nv), x)
+    assert explain.lrp(functools.partial(net.apply, nv, train=False), x).shape == x.shape
+
+    class Needs(nn.Module):
+        @nn.compact
+        def __call__(self, v, train):
+            return nn.Dense(3)(v.reshape(v.shape[0], -1))
+
+    needs = Needs()
+    with pytest.raises(ValueError, match=r"^calling the model with x alone failed \(.*train"):
+        explain.saliency(functools.partial(needs.apply, needs.init(jax.random.key(0), x, True)), x)
+
+    class NNXNet(nnx.Module):
+        def __init__(self, rngs):
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.dense = nnx.Linear(32 * 32, 3, rngs=rngs)
+
+        def __call__(self, v):
+            return self.dense(self.drop(v.reshape(v.shape[0], -1)))
+
+    model = NNXNet(nnx.Rngs(0))
+    for method in (explain.lrp, explain.saliency, explain.grad_cam):
+        with pytest.raises(ValueError) as info:
+            method(model, x)
+        assert str(info.value) == (
+            "the NNX model is in training mode (drop): call model.eval() before explaining it"
+        )
+    model.eval()
+    assert explain.lrp(model, x).shape == x.shape
+
+
+def model_fn_of(model, variables):
+    return lambda v: model.apply(variables, v)
 
 
 # ----------------------------------------------------------------------------- 5. command lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -62,10 +63,73 @@ def resolve_target(target, logits_BK):
 def prepare(f: Callable, x, target):
     """Checks ``x`` and returns its ``[B]`` targets (``None`` -> ``f``'s predicted classes)."""
     check_batch(x)
-    logits = f(x) if target is None else jax.eval_shape(f, x)
-    if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"the model must return logits [B, K], got shape {tuple(logits.shape)}")
+    with model_errors(f):
+        logits = f(x) if target is None else jax.eval_shape(f, x)
+    check_logits(logits, x)
     return resolve_target(target, logits)
+
+
+def check_logits(logits, x) -> None:
+    """Raises a one-line ``ValueError`` unless ``logits`` is one array ``[B, K]`` for ``x [B, ...]``."""
+    if not hasattr(logits, "shape"):
+        raise ValueError(
+            f"the model must return one array of logits [B, K], got a {type(logits).__name__}"
+        )
+    if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"the model must return logits [B, K] for a batch of {x.shape[0]}, got shape "
+            f"{tuple(logits.shape)}"
+        )
+
+
+def check_batch_size(batch_size) -> None:
+    """``None`` or a positive int, else a one-line ``ValueError``."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be None or a positive integer, got {batch_size!r}")
+
+
+@contextlib.contextmanager
+def model_errors(f: Callable):
+    """Calling the model: its mistakes a user can fix, as one-line ``ValueError``s. An NNX model
+    in training mode, or a Linen model whose ``__call__`` trains by default (it updates
+    ``batch_stats``) or needs an argument, says what to pass."""
+    _check_nnx_eval(f)
+    import flax.errors
+
+    try:
+        yield
+    except flax.errors.ModifyScopeVariableError as e:
+        raise ValueError(
+            "the model tried to update a variable collection, i.e. it runs in training mode: "
+            "pass its evaluation mode, e.g. functools.partial(model.apply, variables, train=False) "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    except TypeError as e:
+        if "required" not in str(e) or "argument" not in str(e):
+            raise
+        raise ValueError(
+            f"calling the model with x alone failed ({str(e).splitlines()[0]}): bind its other "
+            "arguments, e.g. functools.partial(model.apply, variables, train=False)"
+        ) from None
+
+
+def _check_nnx_eval(f) -> None:
+    from flax import nnx
+
+    if not isinstance(f, nnx.Module):
+        return
+    for path, node in nnx.iter_graph(f):
+        training = (isinstance(node, nnx.Dropout) and not node.deterministic) or (
+            isinstance(node, nnx.BatchNorm) and not node.use_running_average
+        )
+        if training:
+            where = "/".join(map(str, path)) or type(node).__name__
+            raise ValueError(
+                f"the NNX model is in training mode ({where}): call model.eval() before "
+                "explaining it"
+            )
 
 
 def target_logit(f: Callable, target_B) -> Callable:
@@ -78,21 +142,29 @@ def target_logit(f: Callable, target_B) -> Callable:
 
 
 def attribution_method(method: Callable) -> Callable:
-    """Makes ``method(f, x, target=None, **options)`` return NaN maps for out-of-range targets.
+    """Makes ``method(f, x, target=None, **options)`` return NaN maps for out-of-range targets
+    and non-finite inputs, and checks ``batch_size``.
 
-    Outside ``jax.jit`` a target outside ``[0, K)`` is a ``ValueError`` (``resolve_target``). Under
-    ``jit`` it cannot be checked, and a method would quietly explain nothing (all zeros) or, for
-    Score-CAM, return a plausible-looking map; so every output of such a sample is set to NaN.
+    Outside ``jax.jit`` a target outside ``[0, K)`` or a NaN/inf input is a ``ValueError``
+    (``resolve_target``, ``check_batch``). Under ``jit`` they cannot be checked, and a method would
+    quietly explain nothing (all zeros), or return finite maps (saliency and occlusion of a NaN
+    input) or, for Score-CAM, a plausible-looking one; so every output of such a sample is NaN.
     """
 
     @functools.wraps(method)
     def run(f, x, target=None, **options):
+        check_batch_size(options.get("batch_size"))
         out = method(f, x, target, **options)
-        if target is None or not isinstance(target, jax.core.Tracer):
+        checks = []
+        if isinstance(x, jax.core.Tracer):  # NaN or inf in a sample: its map is NaN
+            checks.append(jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1))
+        if target is not None and isinstance(target, jax.core.Tracer):
+            t = jnp.asarray(target)
+            k = jax.eval_shape(f, x).shape[-1]
+            checks.append(jnp.broadcast_to((t >= 0) & (t < k), (x.shape[0],)))
+        if not checks:
             return out
-        t = jnp.asarray(target)
-        k = jax.eval_shape(f, x).shape[-1]
-        valid = jnp.broadcast_to((t >= 0) & (t < k), (x.shape[0],))
+        valid = functools.reduce(jnp.logical_and, checks)
 
         def mask(a):
             return jnp.where(valid.reshape(-1, *[1] * (a.ndim - 1)), a, jnp.nan)

@@ -102,7 +102,9 @@ def trace(f: Callable, x) -> Graph:
     Raises:
       ValueError: ``f`` does not return a single array.
     """
-    with _nnx_scopes(f) as nnx_paths:
+    from lenet_jax.explain.common import model_errors
+
+    with _nnx_scopes(f) as nnx_paths, model_errors(f):
         # a new function each time: a trace cached by an earlier jit or eval_shape of ``f`` would
         # lack the NNX scopes
         closed = jax.make_jaxpr(lambda v: f(v))(x)

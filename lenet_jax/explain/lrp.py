@@ -19,7 +19,13 @@ import jax.numpy as jnp
 
 from lenet_jax.explain import engine
 from lenet_jax.explain import rules as R
-from lenet_jax.explain.common import attribution_method, check_batch, chunked_map, resolve_target
+from lenet_jax.explain.common import (
+    attribution_method,
+    check_batch,
+    check_logits,
+    chunked_map,
+    resolve_target,
+)
 from lenet_jax.explain.graph import evaluate, trace
 
 
@@ -240,6 +246,7 @@ def lrp_layerwise(
     by_name = node_rules(plan, composite, rules, **hyper)
     env = evaluate(graph, x)
     logits = env[graph.output]
+    check_logits(logits, x)
     t = resolve_target(target, logits)
     seed = jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits
     rel = engine.walk(plan, env, seed, lambda node: by_name[node.name])
