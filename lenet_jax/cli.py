@@ -167,7 +167,7 @@ def one_line_errors(parser: argparse.ArgumentParser):
 
     try:
         yield
-    except (ValueError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ValueError, MemoryError, DataError, CheckpointError, TrainingDiverged) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     except OSError as e:  # lenet_jax.io.OutputError has its own message; others name their file
         message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)

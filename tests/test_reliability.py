@@ -529,3 +529,74 @@ def _flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize(
+    "name, options, copies",
+    [
+        ("lrp", {}, 4),
+        ("smoothgrad", dict(n_samples=8), 8),
+        ("integrated_gradients", dict(n_steps=8), 8),
+        ("score_cam", {}, 17),  # conv2's 16 masked copies and the image
+        ("occlusion", dict(window=8, stride=8), 17),  # 16 occluded copies and the image
+    ],
+)
+def test_batches_are_chunked_to_the_memory_budget_with_the_same_maps(
+    name, options, copies, model_fn, monkeypatch
+):
+    import sys
+
+    from lenet_jax.explain import common
+
+    x = jax.random.normal(jax.random.key(3), (10, 32, 32, 1), jnp.float32)
+    whole = np.asarray(explain.attribute(name, model_fn, x, **options))
+    seen = []
+    real_map = common.chunked_map
+
+    def spy(fn, xs, chunk_size):
+        seen.append(chunk_size)
+        return real_map(fn, xs, chunk_size)
+
+    one = common.activation_bytes(model_fn, x)
+    monkeypatch.setattr(common, "MEMORY_BUDGET", 3 * (3 * copies * one))  # three images fit
+    for module in ("gradients", "cams", "lrp"):
+        monkeypatch.setattr(sys.modules[f"lenet_jax.explain.{module}"], "chunked_map", spy)
+    chunked = np.asarray(explain.attribute(name, model_fn, x, **options))
+    assert seen == [3], seen
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6 * np.abs(whole).max())
+
+
+def test_twenty_thousand_images_ask_for_chunks_not_gigabytes(model_fn):
+    from lenet_jax.explain.common import MEMORY_BUDGET, activation_bytes, auto_batch_size
+
+    x = jax.ShapeDtypeStruct((20_000, 32, 32, 1), jnp.float32)
+    per_image = activation_bytes(model_fn, x)
+    assert 50_000 < per_image < 200_000  # LeNet-5's activations of one image, in bytes
+    size = auto_batch_size(model_fn, x, 50, None)  # SmoothGrad's 50 noisy copies
+    assert size == MEMORY_BUDGET // (3 * 50 * per_image) < 20_000
+    assert (
+        auto_batch_size(
+            model_fn,
+            x[:1] if False else jax.ShapeDtypeStruct((8, 32, 32, 1), jnp.float32),
+            50,
+            None,
+        )
+        is None
+    )
+    assert auto_batch_size(model_fn, x, 50, 64) == 64
+
+
+def test_a_true_out_of_memory_is_one_line_naming_the_method_and_a_batch_that_fits(model_fn):
+    def exhausted(v):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 25 GB")
+
+    x = jnp.ones((400, 32, 32, 1))
+    with pytest.raises(MemoryError) as info:
+        explain.saliency(exhausted, x)
+    assert str(info.value) == (
+        "saliency ran out of memory on a batch of 400: pass a smaller batch_size, e.g. "
+        "batch_size=100 (RESOURCE_EXHAUSTED: Out of memory allocating 25 GB)"
+    )

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.explain import engine
-from lenet_jax.explain.common import attribution_method, chunked_map, prepare
+from lenet_jax.explain.common import attribution_method, auto_batch_size, chunked_map, prepare
 from lenet_jax.explain.graph import evaluate, trace
 
 
@@ -151,6 +151,7 @@ def score_cam(
       baseline_subtract: the paper's weights instead of pytorch-grad-cam's.
       align_corners: upsample the masks with aligned corners (pytorch-grad-cam's masks).
       batch_size: images per chunk (``lax.map``); all K masked copies of an image run in one pass.
+        ``None``: chunks within ``common.MEMORY_BUDGET``.
 
     Returns:
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
@@ -175,7 +176,9 @@ def score_cam(
             weights = jax.nn.softmax(logits[:, ti])
         return jax.nn.relu(jnp.einsum("hwk,k->hw", acts, weights))
 
-    cam = chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), batch_size)
+    channels = layer_activations(f, x[:1], layer)[0].shape[-1]  # masked copies per image
+    chunk_size = auto_batch_size(f, x, channels + 1, batch_size)
+    cam = chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), chunk_size)
     if upsample:
         cam = _upsample(cam, hw)
     return _normalize(cam) if normalize else cam

@@ -154,7 +154,17 @@ def attribution_method(method: Callable) -> Callable:
     @functools.wraps(method)
     def run(f, x, target=None, **options):
         check_batch_size(options.get("batch_size"))
-        out = method(f, x, target, **options)
+        try:
+            out = method(f, x, target, **options)
+        except jax.errors.JaxRuntimeError as e:
+            text = str(e)
+            if not any(k in text for k in ("RESOURCE_EXHAUSTED", "Error dispatching", "memory")):
+                raise
+            fits = max(1, (options.get("batch_size") or x.shape[0]) // 4)
+            raise MemoryError(
+                f"{method.__name__} ran out of memory on a batch of {x.shape[0]}: pass a smaller "
+                f"batch_size, e.g. batch_size={fits} ({text.splitlines()[0][:120]})"
+            ) from None
         checks = []
         if isinstance(x, jax.core.Tracer):  # NaN or inf in a sample: its map is NaN
             checks.append(jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1))
@@ -188,3 +198,32 @@ def chunked_map(fn, xs, chunk_size: int | None):
 
     out = jax.lax.map(fn, jax.tree_util.tree_map(split, xs))
     return jax.tree_util.tree_map(lambda a: a.reshape(steps * chunk_size, *a.shape[2:])[:n], out)
+
+
+# The memory a method's batch may use by default: a batch whose working set would exceed it is
+# split into chunks (``lax.map``) that fit. Change it here, or pass ``batch_size``.
+MEMORY_BUDGET = 2 << 30  # bytes
+
+
+def activation_bytes(f: Callable, x) -> int:
+    """Bytes of every value ``f`` computes for one sample of ``x`` (its activations)."""
+    from lenet_jax.explain.graph import trace
+
+    one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+    graph = trace(f, one)
+    return sum(
+        int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+        for i, s in graph.shapes.items()
+        if i not in graph.consts
+    )
+
+
+def auto_batch_size(f: Callable, x, copies: int, batch_size: int | None) -> int | None:
+    """``batch_size`` if given, else the chunk that keeps a method's working set (``copies``
+    forward and backward passes per sample, e.g. SmoothGrad's noisy copies) within
+    ``MEMORY_BUDGET``; ``None`` when the whole batch fits."""
+    if batch_size is not None:
+        return batch_size
+    per_sample = 3 * copies * max(activation_bytes(f, x), 1)  # forward, residuals, gradients
+    fits = max(1, MEMORY_BUDGET // per_sample)
+    return None if fits >= x.shape[0] else int(fits)

@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax.explain.common import attribution_method, chunked_map, prepare, target_logit
+from lenet_jax.explain.common import (
+    attribution_method,
+    auto_batch_size,
+    chunked_map,
+    prepare,
+    target_logit,
+)
 
 
 def _grad_of_target(f, x, target_B):
@@ -67,7 +73,8 @@ def smoothgrad(
         ``"vargrad"`` (variance of the gradients).
       key: PRNG key of the noise (default ``jax.random.key(0)``: same noise, same result);
         ``smoothgrad_noise`` returns the noisy inputs it draws.
-      batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
+      batch_size: images per chunk (``lax.map``); ``None``: chunks that keep the noisy copies
+        within ``common.MEMORY_BUDGET``.
 
     Returns:
       ``[B, H, W, C]`` (signed for ``"smoothgrad"``).
@@ -92,7 +99,7 @@ def smoothgrad(
         mean = _weighted_sum(uniform, grads)
         return _weighted_sum(uniform, jnp.square(grads - mean[:, None]))
 
-    return chunked_map(chunk, (x, t, keys), batch_size)
+    return chunked_map(chunk, (x, t, keys), auto_batch_size(f, x, n_samples, batch_size))
 
 
 def smoothgrad_noise(x, *, n_samples: int = 50, noise_level: float = 0.15, key=None):
@@ -174,7 +181,8 @@ def integrated_gradients(
         sum to 1; captum's ``riemann_trapezoid`` weights sum to ``(n−1)/n`` (its attributions are
         ours times ``(n−1)/n``).
       return_gap: also return the completeness gap ``f(x) − f(baseline) − Σ IG`` per sample.
-      batch_size: images per chunk (``lax.map``) to bound memory.
+      batch_size: images per chunk (``lax.map``); ``None``: chunks within
+        ``common.MEMORY_BUDGET``.
 
     Returns:
       ``[B, H, W, C]`` attributions, or ``(attributions, gap [B])`` with ``return_gap``.
@@ -191,7 +199,7 @@ def integrated_gradients(
         grads = _flat_grad(f, paths, tc)  # [b, n_steps, ...]
         return (xc - x0c) * _weighted_sum(weights, grads)
 
-    ig = chunked_map(chunk, (x, x0, t), batch_size)
+    ig = chunked_map(chunk, (x, x0, t), auto_batch_size(f, x, n_steps, batch_size))
     if not return_gap:
         return ig
     score = target_logit(f, t)
@@ -242,7 +250,8 @@ def occlusion(
       window: side of the square window.
       stride: step between windows.
       baseline: value put in the window: a scalar or one value per channel; default 0 (captum's).
-      batch_size: images per chunk (``lax.map``).
+      batch_size: images per chunk (``lax.map``); ``None``: chunks within
+        ``common.MEMORY_BUDGET``.
 
     Returns:
       ``[B, H, W, C]`` (the same value in every channel of a pixel).
@@ -274,4 +283,5 @@ def occlusion(
         heat = jnp.tensordot(drops, masks[..., 0], axes=1) / coverage[None, ..., 0]  # [b, H, W]
         return jnp.broadcast_to(heat[..., None], xc.shape)
 
-    return chunked_map(chunk, (x, t), batch_size)
+    chunk_size = auto_batch_size(f, x, len(masks) + 1, batch_size)
+    return chunked_map(chunk, (x, t), chunk_size)

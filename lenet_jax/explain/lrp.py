@@ -21,6 +21,7 @@ from lenet_jax.explain import engine
 from lenet_jax.explain import rules as R
 from lenet_jax.explain.common import (
     attribution_method,
+    auto_batch_size,
     check_batch,
     check_logits,
     chunked_map,
@@ -300,7 +301,8 @@ def lrp(
       stabilizer: the denominator stabilizer of the other rules (and of Norm).
       rules: overrides of the composite, node kind or node name -> rule (``node_rules``), e.g.
         ``{"product": "cp"}`` or ``{"block_0/attn/softmax": "gradient"}``.
-      batch_size: images per chunk (``lax.map``) to bound memory; ``None`` = all at once.
+      batch_size: images per chunk (``lax.map``) to bound memory; ``None``: chunks that keep the
+        walk within ``common.MEMORY_BUDGET`` (the whole batch when it fits).
 
     Returns:
       Relevance of ``x.shape``. The output relevance is ``one_hot(target) * logit``, so with
@@ -319,6 +321,8 @@ def lrp(
         rules=rules,
     )
     check_batch(x)
+    # the walk keeps every activation and evaluates each rule's few modified passes
+    batch_size = auto_batch_size(f, x, 4, batch_size)
     if not batch_size or batch_size >= x.shape[0]:
         return lrp_layerwise(f, x, target, **kwargs)["input"]
     if target is None:  # each chunk finds its own predicted classes
