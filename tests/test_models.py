@@ -214,7 +214,7 @@ def test_every_model_has_its_pinned_size_and_its_cpu_form_equals_it(
 
 
 def test_the_registry_defaults():
-    assert sorted(MODELS) == ["cnn", "lenet5", "lenet5_relu", "minivgg"]
+    assert sorted(MODELS) == ["cnn", "lenet5", "lenet5_relu", "minivgg", "vit"]
     relu = build_model({"name": "lenet5_relu"})
     assert (relu.activation, relu.pool, relu.dataset) == ("relu", "max", "mnist")
     assert build_model({"name": "minivgg"}).dataset == "cifar10"

@@ -118,7 +118,7 @@ def test_integrated_gradients_on_color_inputs_take_a_per_channel_black():
 
 
 def test_every_model_has_a_recipe_and_presets_override_it():
-    assert sorted(RECIPES) == ["cnn", "lenet5", "lenet5_relu", "minivgg"]
+    assert sorted(RECIPES) == ["cnn", "lenet5", "lenet5_relu", "minivgg", "vit"]
     assert (RECIPES["minivgg"].optimizer, RECIPES["minivgg"].lr, RECIPES["minivgg"].epochs) == (
         "adam",
         4e-4,
