@@ -254,6 +254,6 @@ def test_method_options_are_the_keyword_options_with_their_defaults():
         "key": None,
         "batch_size": None,
     }
-    assert explain.method_options("gradient_x_input") == {}
+    assert explain.method_options("gradient_x_input") == {"batch_size": None}
     with pytest.raises(ValueError, match=r"unknown method 'lime'; choose one of \['grad_cam'"):
         explain.method_options("lime")

@@ -537,6 +537,9 @@ def _flip(path: Path) -> None:
 @pytest.mark.parametrize(
     "name, options, copies",
     [
+        ("saliency", {}, 1),
+        ("gradient_x_input", {}, 1),
+        ("grad_cam", {}, 1),
         ("lrp", {}, 4),
         ("smoothgrad", dict(n_samples=8), 8),
         ("integrated_gradients", dict(n_steps=8), 8),

@@ -97,6 +97,7 @@ def grad_cam(
     layer: str | None = None,
     upsample: bool = True,
     normalize: bool = False,
+    batch_size: int | None = None,
 ):
     """Grad-CAM (Selvaraju et al., 2017): ``ReLU(Σ_k α_k A^k)``, ``α_k`` = spatial mean of
     ``∂ logit[target] / ∂A^k``.
@@ -105,16 +106,23 @@ def grad_cam(
       layer: name of a conv layer (default: the last one).
       upsample: resize bilinearly to the input's ``H x W``.
       normalize: scale each map to [0, 1] (all-zero maps stay zero).
+      batch_size: images per chunk (``lax.map``); ``None``: chunks within
+        ``common.MEMORY_BUDGET`` (the whole batch when it fits).
 
     Returns:
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
     t = prepare(f, x, target)
-    acts, head = layer_activations(f, x, layer)
-    score = lambda a: jnp.sum(jnp.take_along_axis(head(a), t[:, None], 1))  # noqa: E731
-    grads = jax.grad(score)(acts)
-    alpha = grads.mean(axis=(1, 2))  # [B, K]
-    cam = jax.nn.relu(jnp.einsum("bhwk,bk->bhw", acts, alpha))
+    layer_activations(f, x[:1], layer)  # a bad layer is an error before any work
+
+    def chunk(args):
+        xc, tc = args
+        acts, head = layer_activations(f, xc, layer)
+        score = lambda a: jnp.sum(jnp.take_along_axis(head(a), tc[:, None], 1))  # noqa: E731
+        alpha = jax.grad(score)(acts).mean(axis=(1, 2))  # [b, K]
+        return jax.nn.relu(jnp.einsum("bhwk,bk->bhw", acts, alpha))
+
+    cam = chunked_map(chunk, (x, t), auto_batch_size(f, x, 1, batch_size))
     if upsample:
         cam = _upsample(cam, x.shape[1:3])
     return _normalize(cam) if normalize else cam

@@ -26,26 +26,35 @@ def _grad_of_target(f, x, target_B):
     return jax.grad(lambda v: jnp.sum(score(v)))(x)
 
 
+def _chunked_grad(f, x, t, batch_size):
+    """``_grad_of_target`` in chunks within ``common.MEMORY_BUDGET`` (or of ``batch_size``)."""
+    size = auto_batch_size(f, x, 1, batch_size)
+    return chunked_map(lambda a: _grad_of_target(f, a[0], a[1]), (x, t), size)
+
+
 @attribution_method
-def saliency(f, x, target=None, *, absolute: bool = True):
+def saliency(f, x, target=None, *, absolute: bool = True, batch_size: int | None = None):
     """Gradient of the target logit w.r.t. the input (Simonyan et al., 2014).
 
     Args:
       absolute: return ``|gradient|`` (captum's ``Saliency`` default); ``False`` keeps the sign.
+      batch_size: images per chunk (``lax.map``); ``None``: chunks within
+        ``common.MEMORY_BUDGET`` (the whole batch when it fits).
 
     Returns:
       ``[B, H, W, C]``.
     """
     t = prepare(f, x, target)
-    g = _grad_of_target(f, x, t)
+    g = _chunked_grad(f, x, t, batch_size)
     return jnp.abs(g) if absolute else g
 
 
 @attribution_method
-def gradient_x_input(f, x, target=None):
-    """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``."""
+def gradient_x_input(f, x, target=None, *, batch_size: int | None = None):
+    """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``; ``batch_size`` as
+    ``saliency``'s."""
     t = prepare(f, x, target)
-    return x * _grad_of_target(f, x, t)
+    return x * _chunked_grad(f, x, t, batch_size)
 
 
 @attribution_method
