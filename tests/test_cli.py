@@ -279,7 +279,8 @@ def test_split_options_routes_each_option_to_the_methods_that_take_it():
     routed = split_options("all", {"window": 8, "align_corners": True, "batch_size": 5})
     assert routed["occlusion"] == {"window": 8, "batch_size": 5}
     assert routed["score_cam"] == {"align_corners": True, "batch_size": 5}
-    assert routed["saliency"] == {} and routed["grad_cam"] == {}
+    assert routed["saliency"] == routed["grad_cam"] == {"batch_size": 5}  # every method chunks
+    assert split_options("all", {"align_corners": True})["saliency"] == {}
     assert split_options("smoothgrad", {"noise_level": 1}) == {"smoothgrad": {"noise_level": 1.0}}
     assert (
         type(split_options("smoothgrad", {"noise_level": 1})["smoothgrad"]["noise_level"]) is float

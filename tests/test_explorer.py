@@ -348,6 +348,23 @@ def test_drawing_in_a_real_browser_updates_probabilities_and_heatmaps(server, tm
         browser.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         print(f"screenshot: {shot}")
+        # a JPEG picked in the upload dialog is explained; Clear forgets it, caption included
+        from PIL import Image
+
+        paper = np.full((84, 84), 255, np.uint8)
+        paper[15:70, 38:46] = 0  # a dark "1" on white
+        jpeg = tmp_path / "one.jpg"
+        Image.fromarray(paper).save(jpeg, "JPEG", quality=95)
+        upload = browser.find_element(By.ID, "upload")
+        browser.execute_script("arguments[0].hidden = false", upload)
+        before = answers()
+        upload.send_keys(str(jpeg))
+        wait.until(lambda b: answers() > before and not b.execute_script("return inflight"))
+        source = browser.find_element(By.ID, "source")
+        assert source.text == "Uploaded one.jpg, laid out as an MNIST digit."
+        assert browser.find_element(By.ID, "error").text == ""
+        browser.find_element(By.ID, "clear").click()
+        assert source.text == "Draw a digit: white ink on black, as MNIST."
     finally:
         browser.quit()
 
