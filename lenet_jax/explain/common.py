@@ -202,7 +202,7 @@ def chunked_map(fn, xs, chunk_size: int | None):
 
 # The memory a method's batch may use by default: a batch whose working set would exceed it is
 # split into chunks (``lax.map``) that fit. Change it here, or pass ``batch_size``.
-MEMORY_BUDGET = 2 << 30  # bytes
+MEMORY_BUDGET = 4 << 30  # bytes
 
 
 def activation_bytes(f: Callable, x) -> int:
@@ -221,9 +221,12 @@ def activation_bytes(f: Callable, x) -> int:
 def auto_batch_size(f: Callable, x, copies: int, batch_size: int | None) -> int | None:
     """``batch_size`` if given, else the chunk that keeps a method's working set (``copies``
     forward and backward passes per sample, e.g. SmoothGrad's noisy copies) within
-    ``MEMORY_BUDGET``; ``None`` when the whole batch fits."""
+    ``MEMORY_BUDGET``, the batch split into equal chunks; ``None`` when the whole batch fits."""
     if batch_size is not None:
         return batch_size
     per_sample = 3 * copies * max(activation_bytes(f, x), 1)  # forward, residuals, gradients
     fits = max(1, MEMORY_BUDGET // per_sample)
-    return None if fits >= x.shape[0] else int(fits)
+    if fits >= x.shape[0]:
+        return None
+    steps = -(-x.shape[0] // fits)
+    return -(-x.shape[0] // steps)  # equal chunks: the last one is padded as little as possible
