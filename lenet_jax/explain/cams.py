@@ -113,7 +113,6 @@ def grad_cam(
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
     t = prepare(f, x, target)
-    layer_activations(f, x[:1], layer)  # a bad layer is an error before any work
 
     def chunk(args):
         xc, tc = args
@@ -184,7 +183,8 @@ def score_cam(
             weights = jax.nn.softmax(logits[:, ti])
         return jax.nn.relu(jnp.einsum("hwk,k->hw", acts, weights))
 
-    channels = layer_activations(f, x[:1], layer)[0].shape[-1]  # masked copies per image
+    acts = jax.eval_shape(lambda v: layer_activations(f, v, layer)[0], x[:1])
+    channels = acts.shape[-1]  # masked copies per image
     chunk_size = auto_batch_size(f, x, channels + 1, batch_size)
     cam = chunked_map(lambda a: jax.vmap(one_image)(a), (x, t), chunk_size)
     if upsample:

@@ -117,7 +117,7 @@ ELEMENTWISE = frozenset(
 )
 # element-wise operations that are affine in their one input-dependent operand
 _AFFINE = ("add", "sub", "mul", "div")
-_IDENTITY = frozenset({"neg", "convert_element_type", "copy", "copy_p", "reduce_precision"})
+_IDENTITY = frozenset({"neg", "convert_element_type"})  # (copies are structural, not element-wise)
 # operations a normalization may apply to its input before the division by its statistic: the
 # centring (``x - mean(x)``) and reshapes, all linear once the statistic is held
 _CENTRING = frozenset(

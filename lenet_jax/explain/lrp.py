@@ -12,6 +12,7 @@ gradient).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -121,6 +122,11 @@ def _table(composite) -> Composite:
     return COMPOSITES[composite]
 
 
+def _as_rule(rule, hyper):
+    """A rule instance: ``rule`` itself, or ``make_rule(rule, **hyper)`` for a name."""
+    return make_rule(rule, **hyper) if isinstance(rule, str) else rule
+
+
 def composite_rules(plan: engine.Plan, composite="epsilon_plus_flat", **hyper):
     """The rule of every linear layer of ``plan``, by layer name.
 
@@ -135,9 +141,7 @@ def composite_rules(plan: engine.Plan, composite="epsilon_plus_flat", **hyper):
     """
     names = [node.name for node in plan.linear]
 
-    def as_rule(rule):
-        return make_rule(rule, **hyper) if isinstance(rule, str) else rule
-
+    as_rule = functools.partial(_as_rule, hyper=hyper)
     if isinstance(composite, Mapping):
         unknown = sorted(set(composite) - set(names))
         if unknown:
@@ -180,13 +184,10 @@ def node_rules(plan: engine.Plan, composite="epsilon_plus_flat", rules=None, **h
             "model (explain.lrp_nodes lists them)"
         )
 
-    def as_rule(rule):
-        return make_rule(rule, **hyper) if isinstance(rule, str) else rule
-
     out = {}
     for n in plan.nodes:
         default = linear[n.name] if n.is_linear else getattr(table, n.kind)
-        out[n.name] = as_rule(rules.get(n.name, rules.get(n.kind, default)))
+        out[n.name] = _as_rule(rules.get(n.name, rules.get(n.kind, default)), hyper)
     return out
 
 
@@ -235,9 +236,10 @@ def lrp_layerwise(
       Dict: ``"input"`` -> ``x.shape`` input relevance; each layer name (every module path of a
       Linen or NNX model, at every nesting level, and every node ``lrp_nodes`` names) -> the
       relevance at that layer's output, e.g. ``"conv2"`` -> ``[B, 10, 10, 16]`` for LeNet-5: the
-      relevance of each feature map; ``"block_0/attn/product:1"`` -> ``[B, T, heads, head_dim]``
-      for the ViT: attention · values, per head. A convolution followed by BatchNorm is one layer for LRP (the BatchNorm merged
-      into it, as zennit's canonizer does), so both names carry the relevance after the BatchNorm.
+      relevance of each feature map; ``"block_0/attn/product:1"`` -> ``[B, heads, T, head_dim]``
+      for the ViT: attention · values per head (the product's batch axes come first). A
+      convolution followed by BatchNorm is one layer for LRP (the BatchNorm merged into it, as
+      zennit's canonizer does), so both names carry the relevance after the BatchNorm.
       The output layer's entry is the seed ``one_hot(target) * logit``.
     """
     check_batch(x)
