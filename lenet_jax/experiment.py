@@ -118,7 +118,8 @@ def train_and_evaluate(
         model, config, train_limit, found = _settings(model, config, run_dir, resume, train_limit)
         if writer:
             what = f"resuming after epoch {found[0]['epoch']}" if found else "a new run"
-            _log(f"Run {run_dir}: {model_config(model)['name']} on {model.dataset}, {what}")
+            dataset = get_dataset(model.dataset).title
+            _log(f"Run {run_dir}: {model_config(model)['name']} on {dataset}, {what}")
         mesh = parallel.default_mesh() if mesh == "auto" else mesh
         parallel.check_batch(config.batch_size, mesh)
         data = _load_data(model, data_dir, data_source, train_limit, mesh, progress)
