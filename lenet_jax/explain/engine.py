@@ -48,87 +48,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.explain.graph import Graph, Lit, Op, input_dependent, run_op, value
+from lenet_jax.explain.primitives import (
+    AFFINE,
+    CENTRING,
+    ELEMENTWISE,
+    IDENTITY,
+    LINEAR,
+    REDUCTIONS,
+    SHIFT,
+    STRUCTURAL,
+    SUM_TO_DIVISION,
+    SUMS,
+)
 
-LINEAR = {"conv_general_dilated": "conv", "dot_general": "dense"}
-SUMS = frozenset({"reduce_window_sum", "reduce_sum"})
-# reductions along axes: a value computed from the input only through one of these is a statistic
-REDUCTIONS = frozenset(
-    {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"}
-)
-STRUCTURAL = frozenset(
-    {
-        "reshape",
-        "transpose",
-        "squeeze",
-        "expand_dims",
-        "broadcast_in_dim",
-        "slice",
-        "dynamic_slice",
-        "gather",
-        "pad",
-        "concatenate",
-        "rev",
-        "reduce_max",
-        "reduce_window_max",
-        "copy",
-        "copy_p",
-        "reduce_precision",
-    }
-)
-ELEMENTWISE = frozenset(
-    {
-        "tanh",
-        "logistic",
-        "exp",
-        "exp2",
-        "expm1",
-        "log",
-        "log1p",
-        "erf",
-        "erfc",
-        "max",
-        "min",
-        "clamp",
-        "select_n",
-        "add",
-        "sub",
-        "mul",
-        "div",
-        "neg",
-        "abs",
-        "sign",
-        "integer_pow",
-        "pow",
-        "square",
-        "sqrt",
-        "rsqrt",
-        "convert_element_type",
-        "stop_gradient",
-        "ge",
-        "gt",
-        "le",
-        "lt",
-        "eq",
-        "ne",
-        "and",
-        "or",
-        "not",
-    }
-)
-# element-wise operations that are affine in their one input-dependent operand
-_AFFINE = ("add", "sub", "mul", "div")
-_IDENTITY = frozenset({"neg", "convert_element_type"})  # (copies are structural, not element-wise)
-# operations a normalization may apply to its input before the division by its statistic: the
-# centring (``x - mean(x)``) and reshapes, all linear once the statistic is held
-_CENTRING = frozenset(
-    {"add", "sub", "mul", "div", "neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze",
-     "expand_dims", "convert_element_type", "copy", "stop_gradient"}
-)  # fmt: skip
-# what may lie between a softmax's input and ``exp``'s argument: ``x - stop_gradient(max(x))``
-_SHIFT = frozenset(
-    {"sub", "reduce_max", "max", "stop_gradient", "broadcast_in_dim", "reshape", "transpose",
-     "squeeze", "expand_dims", "convert_element_type"}
-)  # fmt: skip
 MERGES = ("chain", "bias")
 KINDS = (
     "conv", "dense", "product", "softmax", "normalize", "sum", "elementwise", "affine", "structural"
@@ -352,7 +284,7 @@ def _chain(g: _View, i: int, mode):
         j = g.consumers[cur][0]
         op = graph.ops[j]
         other = [r for r in op.ins if r != cur]
-        if op.name not in _AFFINE or len(other) != 1 or op.ins.count(cur) != 1:
+        if op.name not in AFFINE or len(other) != 1 or op.ins.count(cur) != 1:
             break
         if not isinstance(other[0], Lit) and other[0] in g.dep:
             break
@@ -506,11 +438,7 @@ def _softmax(g: _View, j: int) -> Node | None:
     if exp is None or exp.name != "exp":
         return None
     total = g.op_of(den)
-    while total is not None and total.name in (
-        "broadcast_in_dim",
-        "reshape",
-        "convert_element_type",
-    ):
+    while total is not None and total.name in SUM_TO_DIVISION:
         total = g.op_of(total.ins[0])
     if total is None or total.name != "reduce_sum":
         return None
@@ -523,7 +451,7 @@ def _softmax(g: _View, j: int) -> Node | None:
         if not g.statistic[shift.ins[1]]:
             return None
         found = _dominator(g, g.dep_ins(shift))
-        if found is None or any(o.name not in _SHIFT for o in _subgraph(g, x, {found[0]})):
+        if found is None or any(o.name not in SHIFT for o in _subgraph(g, x, {found[0]})):
             return None
         x = found[0]
     out = op.outs[0]
@@ -545,7 +473,7 @@ def _normalize(g: _View, j: int, stat: int) -> Node | None:
         return None
     root, inside = found
     centring = _subgraph(g, v, {root})
-    if any(c.name not in _CENTRING for c in centring):
+    if any(c.name not in CENTRING for c in centring):
         return None
     if any(c.name in ("mul", "div") and not _is_affine(g, c) for c in centring):
         return None
@@ -582,9 +510,9 @@ def _regions(g: _View, source: Mapping[int, int], absorbed) -> list[Node]:
 
 def _is_affine(g: _View, op: Op) -> bool:
     ins = [r for r in op.ins if not isinstance(r, Lit) and r in g.dep]
-    if op.name in _IDENTITY:
+    if op.name in IDENTITY:
         return True
-    if op.name not in _AFFINE or len(ins) != 1:
+    if op.name not in AFFINE or len(ins) != 1:
         return False
     return not (op.name == "div" and op.ins[0] != ins[0])
 

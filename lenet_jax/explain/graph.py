@@ -1,39 +1,41 @@
 """A model as a flat graph of primitive operations: traced once, evaluated by a small interpreter.
 
 ``trace(f, x)`` runs ``jax.make_jaxpr`` on ``f`` and inlines every call it can see into (``jit``,
-``custom_jvp_call``, ``custom_vjp_call``, ``remat``, ``closed_call``), so the graph is one list of
-primitive ``Op``s over integer value ids. Each op keeps the *scope* it was traced in: the module
-path a Linen module puts on its equations (``jax.named_scope``), the attribute path of an NNX
-module (set here while tracing), or a scope the user opened with ``jax.named_scope``.
+``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``, ``closed_call``), so the graph is one list
+of primitive ``Op``s over integer value ids. Each op keeps the *scope* it was traced in: the path of
+the Linen or NNX module whose call made it, and any scope the user opened with ``jax.named_scope``.
+
+Scopes come from the equations' name stacks read as data (``Scope`` entries; transforms such as
+``vmap`` are not names), never from parsing their string. While tracing, every module call opens a
+scope of its own whose name this module maps to the module's path: for Linen through
+``nn.intercept_methods`` (so names do not depend on flax's named-call profiling flag), for NNX
+through a profile hook of the tracing thread (``sys.setprofile``), which leaves the user's classes
+untouched and other threads unaffected.
 
 ``evaluate`` is the interpreter of "Writing custom interpreters in JAX": it binds each primitive to
-concrete or traced values, so ``jax.jit`` and ``jax.vmap`` compose with everything built on it.
+concrete or traced values, so ``jax.jit`` and ``jax.vmap`` compose with everything built on it. A
+function with a custom derivative (``jax.nn.relu``, ``jax.nn.softmax``) is inlined for the engine
+to read, and evaluated again as the call it was, so a gradient taken through ``evaluate`` is the
+model's own (relu at 0 has derivative 0, not the 1 of the ``max`` inside it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from jax import lax
 from jax.extend import core as jcore
 
-# Call primitives whose body is walked into, and the parameter holding that body.
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
-_NNX_MARK = "__nnx"
+from lenet_jax.explain.primitives import CALLS, CUSTOM_DERIVATIVES
+
+_MARK = (
+    "lenet_jax.module."  # a scope name opened for a module call: the mark's path is in the trace
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,29 @@ class Op:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Call:
+    """A call with a custom derivative, inlined into the graph and kept to be evaluated as a call.
+
+    Attributes:
+      prim: ``custom_jvp_call`` or ``custom_vjp_call``.
+      params: its parameters (the body, the derivative rule).
+      ins: operands (ids or ``Lit``), as for an ``Op``.
+      outs: ids of its results (made inside the inlined body).
+      inner: ids of every value made inside the body.
+    """
+
+    prim: Any
+    params: Mapping[str, Any]
+    ins: tuple
+    outs: tuple[int, ...]
+    inner: frozenset[int]
+
+    def run(self, args) -> list:
+        out = self.prim.bind(*args, **self.prim.get_bind_params(self.params))
+        return list(out) if self.prim.multiple_results else [out]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Graph:
     """A traced function of one array: ``ops`` in evaluation order over value ids.
 
@@ -82,6 +107,7 @@ class Graph:
       output: id of the (single) result.
       consts: id -> value of the constants the function closes over (its parameters).
       shapes: id -> ``jax.ShapeDtypeStruct`` of every value.
+      calls: index of an op -> the calls with a custom derivative whose body ends with that op.
     """
 
     ops: tuple[Op, ...]
@@ -89,6 +115,7 @@ class Graph:
     output: int
     consts: Mapping[int, Any]
     shapes: Mapping[int, Any]
+    calls: Mapping[int, tuple[Call, ...]] = dataclasses.field(default_factory=dict)
 
 
 def trace(f: Callable, x) -> Graph:
@@ -104,13 +131,14 @@ def trace(f: Callable, x) -> Graph:
     """
     from lenet_jax.explain.common import model_errors
 
-    with _nnx_scopes(f) as nnx_paths, model_errors(f):
+    paths: dict[str, str] = {}
+    with _linen_scopes(paths), _nnx_scopes(f, paths), model_errors(f):
         # a new function each time: a trace cached by an earlier jit or eval_shape of ``f`` would
-        # lack the NNX scopes
+        # lack the module scopes
         closed = jax.make_jaxpr(lambda v: f(v))(x)
     if len(closed.jaxpr.invars) != 1 or len(closed.jaxpr.outvars) != 1:
         raise ValueError("the model must map one array to one array of logits [B, K]")
-    builder = _Builder(_root_name(f), nnx_paths)
+    builder = _Builder(paths)
     consts = {builder.new(v): c for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)}
     builder.env.update(zip(closed.jaxpr.constvars, consts, strict=True))
     x_id = builder.new(closed.jaxpr.invars[0])
@@ -119,17 +147,22 @@ def trace(f: Callable, x) -> Graph:
     out = builder.ref(closed.jaxpr.outvars[0])
     if isinstance(out, Lit) or out in consts:
         raise ValueError("the model's output does not depend on its input")
-    return Graph(tuple(builder.ops), x_id, out, consts, builder.shapes)
+    calls: dict[int, list[Call]] = {}
+    for end, call in sorted(builder.calls, key=lambda c: (c[0], -len(c[1].inner))):
+        calls.setdefault(end, []).append(call)
+    calls = {end: tuple(c) for end, c in calls.items()}
+    return Graph(tuple(builder.ops), x_id, out, consts, builder.shapes, calls)
 
 
 class _Builder:
     """Inlines a jaxpr and its calls into a flat list of ``Op``s over integer ids."""
 
-    def __init__(self, root: str | None, nnx_paths: Mapping[str, str]):
-        self.root, self.nnx_paths = root, nnx_paths
+    def __init__(self, paths: Mapping[str, str]):
+        self.paths = paths  # scope mark -> module path
         self.ops: list[Op] = []
         self.env: dict[Any, Any] = {}
         self.shapes: dict[int, Any] = {}
+        self.calls: list[tuple[int, Call]] = []
 
     def new(self, var) -> int:
         i = len(self.shapes)
@@ -139,103 +172,141 @@ class _Builder:
     def ref(self, atom):
         return Lit(atom.val) if isinstance(atom, jcore.Literal) else self.env[atom]
 
-    def inline(self, jaxpr, stack: tuple[str, ...]):
+    def inline(self, jaxpr, stack: tuple):
         for eqn in jaxpr.eqns:
-            names = stack + _split_stack(str(eqn.source_info.name_stack))
+            entries = stack + tuple(eqn.source_info.name_stack.stack)
             ins = tuple(self.ref(a) for a in eqn.invars)
-            body = _CALLS.get(eqn.primitive.name)
+            body = CALLS.get(eqn.primitive.name)
             if body is not None and body in eqn.params:
-                self._inline_call(eqn.params[body], ins, eqn.outvars, names)
-                continue
-            outs = tuple(self.new(v) for v in eqn.outvars)
-            self.env.update(zip(eqn.outvars, outs, strict=True))
-            self.ops.append(Op(eqn.primitive, eqn.params, ins, outs, self.scope(names)))
+                self._inline_call(eqn, ins, entries)
+            elif eqn.primitive.name == "split":
+                self._split(eqn, ins[0], entries)
+            else:
+                self.emit(eqn.primitive, eqn.params, ins, eqn.outvars, entries)
 
-    def _inline_call(self, sub, ins, outvars, names):
+    def emit(self, prim, params, ins, outvars, entries):
+        outs = tuple(self.new(v) for v in outvars)
+        self.env.update(zip(outvars, outs, strict=True))
+        self.ops.append(Op(prim, params, ins, outs, self.scope(entries)))
+
+    def _inline_call(self, eqn, ins, entries):
+        sub = eqn.params[CALLS[eqn.primitive.name]]
         jaxpr, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
         for var, value in zip(jaxpr.constvars, consts, strict=True):
             self.env[var] = Lit(value)
         self.env.update(zip(jaxpr.invars, ins, strict=True))
-        self.inline(jaxpr, names)
-        for outer, inner in zip(outvars, jaxpr.outvars, strict=True):
+        first, n_values = len(self.ops), len(self.shapes)
+        self.inline(jaxpr, entries)
+        for outer, inner in zip(eqn.outvars, jaxpr.outvars, strict=True):
             self.env[outer] = self.ref(inner)
+        outs = tuple(self.env[v] for v in eqn.outvars)
+        made = frozenset(range(n_values, len(self.shapes)))
+        custom = eqn.primitive.name in CUSTOM_DERIVATIVES
+        if custom and len(self.ops) > first and all(o in made for o in outs):
+            self.calls.append((len(self.ops) - 1, Call(eqn.primitive, eqn.params, ins, outs, made)))
 
-    def scope(self, names: tuple[str, ...]) -> tuple[str, ...]:
-        """Full paths of the enclosing modules, outermost first.
+    def _split(self, eqn, operand, entries):
+        """``split`` as one ``slice`` per part (the engine knows slices)."""
+        axis, start = eqn.params["axis"], 0
+        shape = eqn.invars[0].aval.shape
+        for var, size in zip(eqn.outvars, eqn.params["sizes"], strict=True):
+            begin = [0] * len(shape)
+            end = list(shape)
+            begin[axis], end[axis] = start, start + int(size)
+            params = dict(start_indices=tuple(begin), limit_indices=tuple(end), strides=None)
+            self.emit(lax.slice_p, params, (operand,), [var], entries)
+            start += int(size)
 
-        A Linen partial's root class name is dropped, and so are the scopes Linen opens for method
-        calls (``"Model.helper"``); NNX marks become attribute paths.
+    def scope(self, entries: tuple) -> tuple[str, ...]:
+        """Full paths of the enclosing scopes, outermost first.
+
+        ``entries`` is a name stack as data: transforms (``vmap``, ``jvp``) are skipped; a module
+        mark sets the path to its module's; a scope flax opens for a module call (the entry just
+        before that call's mark) is skipped; any other scope extends the current path.
         """
-        if self.root is not None and names and names[0] == self.root:
-            names = names[1:]
+        names = [e.name for e in entries if type(e).__name__ != "Transform"]
         paths, current = [], ""
-        for name in names:
-            if "." in name:  # a Linen method's scope ("Model.helper"), not a module path
+        for k, name in enumerate(names):
+            if name.startswith(_MARK):
+                current = self.paths[name]
+            elif k + 1 < len(names) and names[k + 1].startswith(_MARK):
                 continue
-            if name.startswith(_NNX_MARK):
-                current = self.nnx_paths.get(name, current)
             else:
                 current = f"{current}/{name}" if current else name
-            if not paths or paths[-1] != current:
+            if current and (not paths or paths[-1] != current):
                 paths.append(current)
         return tuple(paths)
 
 
-def _split_stack(stack: str) -> tuple[str, ...]:
-    return tuple(part for part in stack.split("/") if part)
-
-
-def _root_name(f) -> str | None:
-    """The class name a Linen ``partial(module.apply, variables)`` puts first on every scope."""
-    import flax.linen as nn
-
-    func = f.func if isinstance(f, functools.partial) else f
-    module = getattr(func, "__self__", None)
-    return type(module).__name__ if isinstance(module, nn.Module) else None
+def _mark(paths: dict[str, str], path: str) -> str:
+    """The scope name that stands for module ``path`` in this trace."""
+    for mark, known in paths.items():
+        if known == path:
+            return mark
+    mark = f"{_MARK}{len(paths)}"
+    paths[mark] = path
+    return mark
 
 
 @contextlib.contextmanager
-def _nnx_scopes(f):
-    """While tracing an ``nnx.Module``, each submodule call runs under a scope naming its path.
+def _linen_scopes(paths: dict[str, str]):
+    """While tracing, each Linen module call runs under a scope marking its path (``"block1/conv"``).
 
-    NNX puts no names on equations, so every module class in ``f``'s graph gets a ``__call__`` that
-    opens ``jax.named_scope("__nnx<i>")``; ``_Builder.scope`` maps the marks to attribute paths
-    (``"block1/conv_a"``). The classes are restored on exit.
+    ``nn.intercept_methods`` is thread-local: other threads' models are unaffected.
+    """
+    import flax.linen as nn
+
+    def interceptor(next_fun, args, kwargs, context):
+        with jax.named_scope(_mark(paths, "/".join(context.module.path))):
+            return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+@contextlib.contextmanager
+def _nnx_scopes(f, paths: dict[str, str]):
+    """While tracing an ``nnx.Module``, each submodule's ``__call__`` runs under a scope marking its
+    attribute path (``"block1/conv_a"``).
+
+    NNX has no method interceptors; a profile hook of the tracing thread (``sys.setprofile``, chained
+    to any hook already set) opens the scope when a module of ``f``'s graph enters ``__call__`` and
+    closes it on return. The user's classes are not modified and other threads are unaffected.
     """
     from flax import nnx
 
     if not isinstance(f, nnx.Module):
-        yield {}
+        yield
         return
-    marks, paths, classes = {}, {}, set()
+    modules, codes = {}, set()
     for path, node in nnx.iter_graph(f):
-        if not isinstance(node, nnx.Module):
-            continue
-        classes.add(type(node))
-        if path and id(node) not in marks:
-            marks[id(node)] = f"{_NNX_MARK}{len(marks)}"
-            paths[marks[id(node)]] = "/".join(map(str, path))
-    saved = {cls: cls.__dict__.get("__call__") for cls in classes}
+        if isinstance(node, nnx.Module):
+            modules.setdefault(id(node), "/".join(map(str, path)))
+            code = getattr(type(node).__call__, "__code__", None)
+            if code is not None:
+                codes.add(code)
+    opened: dict[Any, Any] = {}
+    previous = sys.getprofile()
 
-    def scoped(call):
-        @functools.wraps(call)
-        def wrapper(self, *args, **kwargs):
-            mark = marks.get(id(self))
-            with jax.named_scope(mark) if mark else contextlib.nullcontext():
-                return call(self, *args, **kwargs)
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            me = frame.f_locals.get("self")
+            if me is not None and id(me) in modules:
+                scope = jax.named_scope(_mark(paths, modules[id(me)]))
+                scope.__enter__()
+                opened[frame] = scope
+        elif event == "return" and frame in opened:
+            opened.pop(frame).__exit__(None, None, None)
+        if previous is not None:
+            previous(frame, event, arg)
 
-        return wrapper
-
+    sys.setprofile(hook)
     try:
-        for cls in classes:
-            cls.__call__ = scoped(cls.__call__)
-        yield paths
+        yield
     finally:
-        for cls, call in saved.items():
-            if call is None:
-                del cls.__call__
-            else:
-                cls.__call__ = call
+        sys.setprofile(previous)
+        for scope in reversed(list(opened.values())):
+            scope.__exit__(None, None, None)
 
 
 def value(env: Mapping[int, Any], ref):
@@ -250,7 +321,8 @@ def run_op(op: Op, args) -> list:
 
 
 def evaluate(graph: Graph, x, overrides: Mapping[int, Any] | None = None) -> dict[int, Any]:
-    """Every value of ``graph`` at input ``x``.
+    """Every value of ``graph`` at input ``x``; a call with a custom derivative gives its results
+    as the call (same values; the gradient through them is the call's rule).
 
     Args:
       graph: from ``trace``.
@@ -262,10 +334,13 @@ def evaluate(graph: Graph, x, overrides: Mapping[int, Any] | None = None) -> dic
     """
     overrides = overrides or {}
     env = {**graph.consts, graph.input: x}
-    for op in graph.ops:
+    for j, op in enumerate(graph.ops):
         outs = run_op(op, [value(env, r) for r in op.ins])
-        for i, out in zip(op.outs, outs, strict=True):
-            env[i] = overrides.get(i, out)
+        env.update(zip(op.outs, outs, strict=True))
+        for call in graph.calls.get(j, ()):
+            if not call.inner & overrides.keys():
+                env.update(zip(call.outs, call.run([value(env, r) for r in call.ins]), strict=True))
+        env.update((i, overrides[i]) for i in op.outs if i in overrides)
     return env
 
 
