@@ -2,18 +2,19 @@
 
 The package, by layer (each one uses only the ones above it):
 
+* attribution and its evaluation — ``explain`` (LRP with zennit's and LXT's rules for any model,
+  gradient methods, CAMs, occlusion: pure functions ``method(f, x, target=None, **options)``; and
+  ``explain.metrics``: pixel flipping, faithfulness correlation, the randomization sanity check,
+  sparseness, conservation). It stands alone: it imports nothing else of the package.
 * data and models — ``data`` (datasets, verified sources, preprocessing), ``image_files`` (your own
-  pictures as dataset images), ``models`` (LeNet-5, a small ReLU CNN, MiniVGG as Flax Linen
+  pictures as dataset images), ``models`` (LeNet-5, a small ReLU CNN, MiniVGG, a ViT as Flax Linen
   modules), ``cpu_kernels`` (faster XLA:CPU forms of LeNet's layers, for training only).
 * learning — ``train`` (train state, the jitted step, epochs, prediction), ``recipes`` (each model's
   training settings), ``parallel`` (data parallelism over devices), ``checkpoint``, ``experiment``
   (a whole run).
-* attribution — ``explain`` (LRP with zennit's rules for any model, gradient methods, CAMs, occlusion:
-  pure functions ``method(f, x, target=None, **options)``).
-* evaluation — ``evaluate`` (pixel flipping, faithfulness correlation, the randomization sanity
-  check, sparseness, conservation).
+* the package's models explained — ``attribution`` (a method as a function of the parameters, with
+  the options the model's dataset fills in).
 * figures and reports — ``plot``, ``report`` (the explanation report behind ``scripts/explain.py``),
   ``evaluation_report`` (behind ``scripts/evaluate.py``), ``io`` (atomic writes, run-folder locks).
 * serving — ``serve`` (the explorer web page behind ``scripts/serve.py``).
-* cross-checks — ``twins`` (PyTorch twins of the models for zennit, captum and pytorch-grad-cam).
 """

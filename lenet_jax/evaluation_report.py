@@ -1,11 +1,11 @@
 """The evaluation of a trained run's explanations: every method and LRP composite scored on test
 images, written as a table (Markdown, CSV, JSON) and two figures. The metrics are
-``lenet_jax.evaluate``'s; this module picks the inputs, runs the entries and writes the files."""
+``lenet_jax.explain.metrics``'; this module picks the inputs (a run's model, its dataset's test
+images and bounds), runs the entries and writes the files."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_jax import checkpoint, evaluate, explain, models, parallel
-from lenet_jax.data import load_dataset, to_pixels
+from lenet_jax import checkpoint, explain, models, parallel
+from lenet_jax.attribution import attribution_fn
+from lenet_jax.data import load_dataset, normalized_range, to_pixels
+from lenet_jax.explain import metrics
 from lenet_jax.explain.common import target_logit
 from lenet_jax.io import atomic_write_bytes, atomic_write_json, locked_folder
-from lenet_jax.report import attribution_fn
 
 # The evaluated entries: every method, LRP once per composite ("lrp:NAME"), with these options.
 EVAL_OPTIONS = {
@@ -72,8 +73,8 @@ class _Inputs:
     target: jax.Array  # the predicted classes
     xr: jax.Array  # the first images, for the randomization cascade
     tr: jax.Array
-    flip: Any  # jitted evaluate.pixel_flipping
-    faith: Any  # jitted evaluate.faithfulness_correlation
+    flip: Any  # jitted metrics.pixel_flipping of (params, x, target, attribution)
+    faith: Any  # jitted metrics.faithfulness_correlation of the same
 
 
 def evaluate_run(
@@ -154,7 +155,17 @@ def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_s
             )
         x, target = (parallel.make_global(a, parallel.batch_sharding(mesh)) for a in (x, target))
         params = parallel.replicate(params, mesh)
-    flip = functools.partial(evaluate.pixel_flipping, model, patch=patch, n_steps=n_steps)
+    bounds = normalized_range(model.dataset)
+
+    def flip(p, v, t, a, order):
+        f = models.explained(model, p)
+        return metrics.pixel_flipping(
+            f, v, t, a, order=order, patch=patch, n_steps=n_steps, bounds=bounds
+        )
+
+    def faith(p, v, t, a):
+        return metrics.faithfulness_correlation(models.explained(model, p), v, t, a, bounds=bounds)
+
     return _Inputs(
         model,
         params,
@@ -163,7 +174,7 @@ def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_s
         x[:n_randomization],
         target[:n_randomization],
         jax.jit(flip, static_argnames=("order",)),
-        jax.jit(functools.partial(evaluate.faithfulness_correlation, model)),
+        jax.jit(faith),
     )
 
 
@@ -171,9 +182,9 @@ def _random_baselines(inputs: _Inputs) -> dict[str, Any]:
     """What a random order and a random attribution score: the floor every method should beat."""
     x, target = inputs.x, inputs.target
     curves = inputs.flip(inputs.params, x, target, jnp.zeros(x.shape[:3]), order="random")
-    noise = evaluate.random_attribution(x, jax.random.key(5))
+    noise = metrics.random_attribution(x, jax.random.key(5))
     return {
-        "summary": evaluate.summarize_curves(curves),
+        "summary": metrics.summarize_curves(curves),
         "band": np.percentile(np.asarray(curves["prob"]), [10, 90], axis=0),
         "faithfulness": float(inputs.faith(inputs.params, x, target, noise).mean()),
     }
@@ -189,10 +200,17 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
     attr = jax.block_until_ready(compiled(params, x, target))
     ms = 1000 * (time.perf_counter() - t0) / x.shape[0]
     curves = {
-        order: evaluate.summarize_curves(inputs.flip(params, x, target, attr, order=order))
+        order: metrics.summarize_curves(inputs.flip(params, x, target, attr, order=order))
         for order in ("morf", "lerf")
     }
-    cascade = evaluate.randomization_cascade(inputs.model, params, inputs.xr, inputs.tr, fn)
+    cascade = metrics.randomization_cascade(
+        lambda p, v: models.explained(inputs.model, p)(v),
+        params,
+        models.init_params(inputs.model, jax.random.key(1)),
+        inputs.xr,
+        inputs.tr,
+        fn,
+    )
     row = {
         "method": label,
         "morf_aopc": curves["morf"]["aopc"],
@@ -201,7 +219,7 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
         "randomization_similarity": float(cascade["similarity"][-1].mean()),
         "randomization_by_layer": [float(s) for s in cascade["similarity"].mean(1)],
         "conservation_error": _conservation(inputs, name, attr),
-        "sparseness": float(evaluate.sparseness(attr).mean()),
+        "sparseness": float(metrics.sparseness(attr).mean()),
         "ms_per_image": ms,
     }
     return row, curves, cascade
@@ -212,7 +230,8 @@ def _conservation(inputs: _Inputs, name: str, attr) -> float | None:
     and Integrated Gradients (Σ IG = f(x) − f(black)); ``None`` for the others."""
     model, params, x, target = inputs.model, inputs.params, inputs.x, inputs.target
     if name == "lrp":
-        return float(evaluate.conservation_error(model, params, x, target, attr).mean())
+        f = models.explained(model, params)
+        return float(metrics.conservation_error(f, x, target, attr).mean())
     if name != "integrated_gradients":
         return None
     f = target_logit(models.explained(model, params), target)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, models, parallel
+from lenet_jax.attribution import attribution_fn, with_dataset_options
 from lenet_jax.data import get_dataset, load_dataset, to_pixels
 from lenet_jax.explain.common import check_batch
 from lenet_jax.image_files import read_images
@@ -32,35 +33,6 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
     right = all_right[: n - min(len(all_wrong), max(1, n // 4))]
     wrong = all_wrong[: n - len(right)]  # more than a quarter when too few are right
     return np.sort(np.concatenate([right, wrong]))
-
-
-def attribution_fn(name: str, model, **options):
-    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model.
-
-    The model's dataset fills the options the method takes and ``options`` leaves unset
-    (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
-    and occlusion).
-    """
-    opts = with_dataset_options(name, model, options)
-
-    def fn(params, x, target=None):
-        return explain.attribute(name, models.explained(model, params), x, target, **opts)
-
-    return fn
-
-
-def with_dataset_options(name: str, model, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with what ``model``'s dataset fills in among the options method ``name`` takes
-    and ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
-    baseline of Integrated Gradients and occlusion), and LRP's composite
-    (``models.default_composite``: AttnLRP for the ViT)."""
-    accepted = explain.method_options(name)
-    opts = dict(options)
-    defaults = {**models.dataset_options(model), "composite": models.default_composite(model)}
-    for key, value in defaults.items():
-        if key in accepted and opts.get(key) is None:
-            opts[key] = value
-    return opts
 
 
 def explain_method(name: str, model, params, x, target=None, **options):
@@ -300,6 +272,11 @@ def _method_figure(view: _View, method: str, heat, composite: str):
     signed = explain.SIGNED[method]
     label = f"LRP ({composite})" if method == "lrp" else method.replace("_", " ")
     suptitle = f"{label}: red = evidence for the class, blue = against" if signed else label
+    if method == "lrp":
+        suptitle += (
+            "\nΣR / logit: what the map sums to, against the explained class's logit "
+            "(equal when every rule conserves relevance and no bias takes a share)"
+        )
     return plot.heatmap_pairs(view.pixels, heat, titles, signed=signed, suptitle=suptitle)
 
 

@@ -13,6 +13,17 @@ import numpy as np  # noqa: E402
 from lenet_jax.data import DataError, load_mnist  # noqa: E402
 from lenet_jax.models import LeNet5, init_params  # noqa: E402
 
+# A test that reads the real dataset or trains a run belongs to the end-to-end tier (marked slow,
+# with training, notebooks, CLIs, parallel runs and the browser); ``pytest -m "not slow"`` is the
+# unit tier.
+END_TO_END_FIXTURES = frozenset({"mnist", "tiny_run", "tiny_vit_run", "cifar_run"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="module")
 def float64():
@@ -58,7 +69,7 @@ def normalized_pixels(n, seed=0):
 
 def lenet_and_twin(activation, pool, seed):
     """A LeNet-5 variant, random float64 params with non-zero biases, and its torch twin."""
-    from lenet_jax.twins import torch_twin
+    from twins import torch_twin
 
     model = LeNet5(activation=activation, pool=pool)
     params = random_params(model, seed=seed)
@@ -81,7 +92,19 @@ def require(module: str):
     except ImportError as e:
         if os.environ.get("CI"):
             pytest.fail(f"{module} is required in CI (pip install -e '.[peers]'): {e}")
-        pytest.skip(f"{module} not installed (pip install -e '.[peers]')")
+        # also at a module's top level: the module is skipped, not a collection error
+        pytest.skip(f"{module} not installed (pip install -e '.[peers]')", allow_module_level=True)
+
+
+def assert_close_nchw(ours, theirs_nchw, rel=1e-7):
+    """``ours`` (NHWC) equals a peer's NCHW tensor to ``rel`` of the peer's largest magnitude; a
+    peer's map of zeros fails (two zero maps would agree whatever either method does)."""
+    from twins import to_nhwc
+
+    ref = to_nhwc(theirs_nchw.detach().numpy())
+    scale = np.abs(ref).max()
+    assert scale > 0, "the peer's map is all zeros: the comparison would check nothing"
+    assert np.abs(np.asarray(ours) - ref).max() <= rel * scale
 
 
 @pytest.fixture(scope="session")

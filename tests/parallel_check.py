@@ -66,7 +66,7 @@ def main():
     hlo = jitted.lower(*args).compile().as_text()
 
     x = jax.random.normal(jax.random.key(3), (20, 32, 32, 1))  # 20: not a multiple of 8
-    from lenet_jax.report import attribution_fn
+    from lenet_jax.attribution import attribution_fn
 
     lrp = jax.jit(attribution_fn("lrp", model, composite="epsilon_plus_flat"))
     plain = lrp(single.params, x)

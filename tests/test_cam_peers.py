@@ -4,11 +4,11 @@ pytorch-grad-cam's GradCAM and ScoreCAM, on a torch twin with the same weights (
 import numpy as np
 import pytest
 from conftest import lenet_and_twin, normalized_pixels, require
+from twins import to_nchw
 
 from lenet_jax import explain
 from lenet_jax.explain.cams import interpolation_matrix
 from lenet_jax.models import explained
-from lenet_jax.twins import to_nchw
 
 torch = require("torch")
 

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import lenet_and_twin, normalized_pixels, require
+from conftest import assert_close_nchw, lenet_and_twin, normalized_pixels, require
+from twins import to_nchw
 
 from lenet_jax import explain
 from lenet_jax.data import normalized_range
 from lenet_jax.models import explained
-from lenet_jax.twins import to_nchw, to_nhwc
 
 torch = require("torch")
 captum_attr = require("captum.attr")
@@ -33,9 +33,7 @@ def case(request):
     )
 
 
-def close(ours, theirs_nchw):
-    ref = to_nhwc(theirs_nchw.detach().numpy())
-    assert np.abs(np.asarray(ours) - ref).max() <= 1e-7 * max(np.abs(ref).max(), 1e-12)
+close = assert_close_nchw
 
 
 def test_saliency_and_gradient_x_input_equal_captum(case):

@@ -13,12 +13,13 @@ import pytest
 from conftest import require
 
 from lenet_jax import explain
+from lenet_jax.attribution import with_dataset_options
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
 from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.image_files import read_images
 from lenet_jax.models import ViT, dataset_options, explained
-from lenet_jax.report import explain_run, output_name, split_options, with_dataset_options
+from lenet_jax.report import explain_run, output_name, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params, require
+from twins import to_nchw, torch_twin
 
-from lenet_jax import evaluate
-from lenet_jax.models import LeNet5
-from lenet_jax.twins import to_nchw, torch_twin
+from lenet_jax.data import normalized_range
+from lenet_jax.explain import metrics
+from lenet_jax.models import LeNet5, explained
 
 torch = require("torch")
 require("torchvision")  # before TensorFlow (see below)
@@ -28,8 +29,15 @@ def test_pixel_flipping_curve_equals_quantus(softmax):
     x = jnp.asarray((pixels - 0.1307) / 0.3081, jnp.float32)
     target = jnp.array([1, 4, 7, 9])
     attribution = jax.random.normal(jax.random.key(0), x.shape, jnp.float32)
-    ours = evaluate.pixel_flipping(
-        model, params, x, target, attribution, order="morf", patch=1, n_steps=16
+    ours = metrics.pixel_flipping(
+        explained(model, params),
+        x,
+        target,
+        attribution,
+        order="morf",
+        patch=1,
+        n_steps=16,
+        bounds=normalized_range("mnist"),
     )  # 64 pixels per step
     metric = quantus.PixelFlipping(
         features_in_step=64,

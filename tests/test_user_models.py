@@ -9,17 +9,18 @@ BatchNorms have eps = 0 with the running variance shifted by the Flax eps instea
 """
 
 import functools
+import importlib.metadata
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require
+from conftest import assert_close_nchw, require
 from flax import nnx
+from twins import to_nchw, to_nhwc
 
 from lenet_jax import explain
-from lenet_jax.twins import to_nchw, to_nhwc
 
 torch = require("torch")
 require("zennit")
@@ -158,14 +159,17 @@ def t_dense(p, hwc=None):
     return m
 
 
-def t_bn(scale, bias, mean, var):
-    m = torch.nn.BatchNorm2d(len(mean), eps=0.0)
+def t_bn(scale, bias, mean, var, keep_eps=False):
+    """A BatchNorm twin: eps = 0 with the variance shifted by Flax's eps (what zennit 0.5.1 merges
+    exactly), or, with ``keep_eps``, PyTorch's own form with the eps (zennit 1.0 merges it)."""
+    m = torch.nn.BatchNorm2d(len(mean), eps=BN_EPS if keep_eps else 0.0)
     m.weight.data, m.bias.data = t(scale), t(bias)
-    m.running_mean.data, m.running_var.data = t(mean), t(np.asarray(var) + BN_EPS)
+    m.running_mean.data = t(mean)
+    m.running_var.data = t(np.asarray(var) + (0.0 if keep_eps else BN_EPS))
     return m
 
 
-def vgg_case():
+def vgg_case(keep_eps=False):
     model = VGGBN()
     variables = randomize(
         model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1))), jax.random.key(1)
@@ -174,7 +178,11 @@ def vgg_case():
     twin = torch.nn.Sequential()
     for i in (1, 2):
         bn = t_bn(
-            p[f"bn{i}"]["scale"], p[f"bn{i}"]["bias"], s[f"bn{i}"]["mean"], s[f"bn{i}"]["var"]
+            p[f"bn{i}"]["scale"],
+            p[f"bn{i}"]["bias"],
+            s[f"bn{i}"]["mean"],
+            s[f"bn{i}"]["var"],
+            keep_eps,
         )
         twin.extend([t_conv(p[f"conv{i}"]), bn, torch.nn.ReLU(), torch.nn.MaxPool2d(2)])
     twin.extend([torch.nn.Flatten(), t_dense(p["fc1"], (4, 4, 8)), torch.nn.ReLU()])
@@ -293,6 +301,26 @@ def test_every_composite_equals_zennit(case, composite):
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+ZENNIT_1 = int(importlib.metadata.version("zennit").split(".")[0]) >= 1
+
+
+@pytest.mark.skipif(
+    not ZENNIT_1,
+    reason="zennit < 1.0 keeps a merged BatchNorm's eps (the twins above work round it)",
+)
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+def test_batchnorm_with_its_eps_equals_zennit_1(composite):
+    # zennit 1.0 merges a BatchNorm with its eps exactly: the plain twin, eps and all
+    with jax.enable_x64(True):
+        f, twin = vgg_case(keep_eps=True)
+        x = jax.random.uniform(jax.random.key(7), (4, 16, 16, 1), jnp.float64, LOW, HIGH)
+        target = jnp.array([0, 3, 5, 9])
+        ours = np.asarray(explain.lrp(f, x, target, composite=composite, low=LOW, high=HIGH))
+    ref = zennit_lrp(twin.double().eval(), np.asarray(x), target, composite)
+    assert np.abs(ref).max() > 0
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_layer_names_are_the_users(case):
     name, f, _, x = case
     expected = {
@@ -346,9 +374,7 @@ def nnx_peer():
     return model, twin.double().eval(), x, jnp.array([2, 5, 7])
 
 
-def close(ours, theirs_nchw, rel=1e-7):
-    ref = to_nhwc(theirs_nchw.detach().numpy())
-    assert np.abs(np.asarray(ours) - ref).max() <= rel * max(np.abs(ref).max(), 1e-12)
+close = assert_close_nchw
 
 
 def test_gradient_methods_on_an_nnx_model_equal_captum(nnx_peer, monkeypatch):

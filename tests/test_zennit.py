@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_params, require
+from twins import to_nchw, to_nhwc, torch_twin
 
 from lenet_jax.data import DATASETS, normalized_range
 from lenet_jax.explain import ZENNIT_COMPOSITES as OURS
 from lenet_jax.explain import lrp
 from lenet_jax.models import CNN, LeNet5, MiniVGG, dataset_options, explained
-from lenet_jax.twins import to_nchw, to_nhwc, torch_twin
 
 torch = require("torch")
 require("zennit")
@@ -92,10 +92,10 @@ def test_lrp_on_minivgg_equals_zennit(composite):
     """MiniVGG: SAME-padded convs, max pooling, dropout, three channels."""
     model = MiniVGG()
     params = random_params(model, seed=3, bias_scale=0.01)
-    pixels = np.random.default_rng(3).uniform(0, 1, (4, 32, 32, 3))
+    pixels = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3))
     cifar = DATASETS["cifar10"]
     x = jnp.asarray((pixels - np.array(cifar.mean)) / np.array(cifar.std))
-    target = jnp.array([0, 3, 5, 9])
+    target = jnp.array([3, 9])
     ours = our_lrp(model, params, x, target, composite)
     twin = torch_twin(model, params)
     xt = torch.tensor(to_nchw(np.asarray(x))).requires_grad_(True)

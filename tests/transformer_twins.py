@@ -5,7 +5,7 @@ The Flax side: the package's Linen ``ViT``, the same ViT in NNX (``nnx.MultiHead
 SwiGLU MLP, the last token to the head). All three share one parameter layout, so one torch twin
 builder takes any of them.
 
-Their PyTorch twins, patched by LXT: ``lenet_jax.twins.transformer_twin``.
+Their PyTorch twins, patched by LXT: ``twins.transformer_twin``.
 """
 
 from __future__ import annotations

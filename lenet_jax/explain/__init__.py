@@ -1,4 +1,6 @@
-"""Explanations of model decisions: LRP, gradient methods, occlusion and class activation maps.
+"""Explanations of model decisions — LRP, gradient methods, occlusion, class activation maps — and
+their evaluation (``lenet_jax.explain.metrics``), for any JAX model. Depends on JAX and Flax only:
+nothing else of the package is imported.
 
 Every method has the signature ``method(f, x, target=None, **options)``: ``f`` is the model, a function
 from a batch ``x`` (NHWC float for images) to logits ``[B, K]`` — ``functools.partial(module.apply,
@@ -15,6 +17,7 @@ map of a sample with a non-finite input or an out-of-range target is NaN (never 
 
 import inspect
 
+from lenet_jax.explain import metrics
 from lenet_jax.explain.cams import grad_cam, layer_activations, score_cam
 from lenet_jax.explain.gradients import (
     gradient_x_input,
@@ -106,6 +109,7 @@ __all__ = [
     "lrp_nodes",
     "make_rule",
     "method_options",
+    "metrics",
     "node_rules",
     "occlusion",
     "saliency",

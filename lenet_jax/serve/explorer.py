@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, models
+from lenet_jax.attribution import attribution_fn, with_dataset_options
 from lenet_jax.data import DataError, get_dataset, load_dataset
 from lenet_jax.image_files import decode_image
-from lenet_jax.report import attribution_fn, with_dataset_options
 
 # The methods a request gets when it names none: every one but occlusion (the slowest by far).
 DEFAULT_METHODS = tuple(m for m in explain.METHODS if m != "occlusion")

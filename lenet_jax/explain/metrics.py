@@ -1,15 +1,18 @@
 """Metrics of explanations: are they faithful to the model, do they pass the sanity checks?
 
-Pure, batched functions of ``(model, params, x, target, attribution)``; every perturbed input of a
-batch goes through the model in chunked, batched forward passes (``lax.map``), never a Python loop
-per image or per step. Attributions may be ``[B, H, W, C]`` (summed over channels) or ``[B, H, W]``.
+Pure, batched functions of ``(f, x, target, attribution)``, ``f`` the model as every method takes
+it (a function from a batch to logits); every perturbed input of a batch goes through ``f`` in
+chunked, batched forward passes (``lax.map``), never a Python loop per image or per step.
+Attributions may be ``[B, H, W, C]`` (summed over channels) or ``[B, H, W]``. What a metric needs to
+know of the data comes from the caller: ``bounds=(low, high)``, the model's input range (the
+normalized black and white pixel for images), for removing pixels by black or uniform noise.
 
 * ``pixel_flipping`` — region perturbation (Samek et al., 2017): remove the most (MoRF) or least
   (LeRF) relevant patches first, or in random order; the curve of the target score and its AOPC.
 * ``faithfulness_correlation`` — Bhatt et al. (2020): Pearson correlation between the attribution
   mass of random pixel subsets and the score drop when they are removed.
-* ``randomization_cascade`` — Adebayo et al. (2018): re-initialize the layers from the top down and
-  compare each explanation with the original by Spearman rank correlation.
+* ``randomization_cascade`` — Adebayo et al. (2018): replace the layers' parameters by fresh ones
+  from the top down and compare each explanation with the original by Spearman rank correlation.
 * ``sparseness`` (Gini index, Chalasani et al., 2020) and ``conservation_error``.
 """
 
@@ -22,9 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from lenet_jax.data import normalized_range
 from lenet_jax.explain.common import chunked_map
-from lenet_jax.models import explained, init_params
 
 REPLACEMENTS = ("black", "mean", "uniform")
 ORDERS = ("morf", "lerf", "random")
@@ -35,27 +36,34 @@ def _heat(attribution):
     return attribution.sum(-1) if attribution.ndim == 4 else attribution
 
 
-def _fill(x, replacement: str, key, dataset: str):
+def _fill(x, replacement, key, bounds):
     """The values that replace removed pixels, ``x.shape``."""
-    black, white = (
-        jnp.broadcast_to(jnp.asarray(v, x.dtype), x.shape) for v in normalized_range(dataset)
-    )
-    if replacement == "black":
-        return black
+    if not isinstance(replacement, str):
+        return jnp.broadcast_to(jnp.asarray(replacement, x.dtype), x.shape)
     if replacement == "mean":
         return jnp.broadcast_to(x.mean(axis=(1, 2, 3), keepdims=True), x.shape)
-    if replacement == "uniform":
-        return black + (white - black) * jax.random.uniform(key, x.shape, x.dtype)
-    raise ValueError(f"unknown replacement {replacement!r}; choose one of {list(REPLACEMENTS)}")
+    if replacement not in REPLACEMENTS:
+        raise ValueError(
+            f"unknown replacement {replacement!r}; choose one of {list(REPLACEMENTS)} or pass an array"
+        )
+    if bounds is None:
+        raise ValueError(
+            f"replacement {replacement!r} needs bounds=(low, high), the model's input range "
+            "(for the package's datasets: lenet_jax.data.normalized_range(name))"
+        )
+    low, high = (jnp.broadcast_to(jnp.asarray(v, x.dtype), x.shape) for v in bounds)
+    if replacement == "black":
+        return low
+    return low + (high - low) * jax.random.uniform(key, x.shape, x.dtype)
 
 
-def _scores(model, params, xs, target, batch_size):
+def _scores(f, xs, target, batch_size):
     """Target logit and probability of ``xs [B, S, H, W, C]``: two ``[B, S]`` arrays."""
     b, s = xs.shape[:2]
 
     def chunk(a):
         xc, tc = a
-        logits = explained(model, params)(xc.reshape(-1, *xc.shape[2:]))
+        logits = f(xc.reshape(-1, *xc.shape[2:]))
         logits = logits.reshape(xc.shape[0], s, -1)
         probs = jax.nn.softmax(logits, axis=-1)
         pick = lambda v: jnp.take_along_axis(v, tc[:, None, None], axis=2)[..., 0]  # noqa: E731
@@ -65,8 +73,7 @@ def _scores(model, params, xs, target, batch_size):
 
 
 def pixel_flipping(
-    model,
-    params,
+    f,
     x,
     target,
     attribution,
@@ -74,20 +81,24 @@ def pixel_flipping(
     order: str = "morf",
     patch: int = 1,
     n_steps: int = 32,
-    replacement: str = "black",
+    replacement="black",
+    bounds: tuple | None = None,
     key: jax.Array | None = None,
     batch_size: int | None = 10,
 ):
     """Region perturbation: the target score as patches are removed in order of relevance.
 
     Args:
-      x: normalized inputs ``[B, H, W, C]``; ``target``: int ``[B]``.
+      f: the model, ``x -> logits [B, K]``.
+      x: inputs ``[B, H, W, C]``; ``target``: int ``[B]``.
       attribution: ``[B, H, W(, C)]``; a patch's relevance is the sum over its pixels.
       order: ``"morf"`` (most relevant first), ``"lerf"`` (least relevant first) or ``"random"``.
       patch: side of the square patches (``H`` and ``W`` must be multiples).
       n_steps: perturbation steps; step ``k`` has removed ``round(k/n_steps · P)`` of the P patches.
-      replacement: ``"black"`` (the normalized black pixel), ``"mean"`` (the image's mean value) or
-        ``"uniform"`` (uniform noise over the pixel range).
+      replacement: ``"black"`` (``bounds[0]``, the normalized black pixel), ``"mean"`` (the image's
+        mean value), ``"uniform"`` (uniform noise over ``bounds``), or an array broadcastable to
+        ``x`` (a baseline of your own).
+      bounds: ``(low, high)``, the model's input range; needed by ``"black"`` and ``"uniform"``.
       key: PRNG key for ``"random"`` order and ``"uniform"`` replacement (default ``key(0)``).
       batch_size: images per chunk of forward passes.
 
@@ -115,7 +126,7 @@ def pixel_flipping(
         ranking = jnp.argsort(-rel if order == "morf" else rel, axis=1)
     rank_of = jnp.argsort(ranking, axis=1)  # [B, P]: position of each patch in the order
     counts = jnp.round(jnp.linspace(0, n_patches, n_steps + 1)).astype(jnp.int32)  # [S+1]
-    fill = _fill(x, replacement, k_fill, model.dataset)
+    fill = _fill(x, replacement, k_fill, bounds)
 
     def chunk(args):
         xc, fc, rc, tc = args
@@ -124,7 +135,7 @@ def pixel_flipping(
         mask = jnp.broadcast_to(mask, (mask.shape[0], n_steps + 1, ph, patch, pw, patch))
         mask = mask.reshape(-1, n_steps + 1, h, w, 1)
         xs = xc[:, None] * (1 - mask) + fc[:, None] * mask
-        return _scores(model, params, xs, tc, None)
+        return _scores(f, xs, tc, None)
 
     logit, prob = chunked_map(chunk, (x, fill, rank_of, jnp.asarray(target)), batch_size)
     return {
@@ -149,15 +160,15 @@ def spearman(a, b):
 
 
 def faithfulness_correlation(
-    model,
-    params,
+    f,
     x,
     target,
     attribution,
     *,
     subset_size: int = 128,
     n_runs: int = 100,
-    replacement: str = "black",
+    replacement="black",
+    bounds: tuple | None = None,
     key: jax.Array | None = None,
     batch_size: int | None = 10,
 ):
@@ -167,6 +178,7 @@ def faithfulness_correlation(
     the drop of the target logit when the subset is replaced; their Pearson correlation per image.
     The subsets are drawn once per call and shared by its images (each image's correlation is still
     over ``n_runs`` independent draws); drawing them per image costs a sort per draw on the CPU.
+    ``replacement`` and ``bounds`` as for ``pixel_flipping``.
 
     Returns:
       ``[B]`` correlations in [-1, 1] (higher = more faithful).
@@ -183,14 +195,14 @@ def faithfulness_correlation(
     u = jax.random.uniform(k_sub, (n_runs, n))
     subsets = (u >= jax.lax.top_k(u, subset_size)[0][:, -1:]).astype(x.dtype)  # [R, N]
     mask = subsets.reshape(n_runs, h, w, 1)
-    fill = _fill(x, replacement, k_fill, model.dataset)
+    fill = _fill(x, replacement, k_fill, bounds)
 
     def chunk(args):
         xc, tc, hc, fc = args
         mass = hc @ subsets.T  # [b, R]
         removed = xc[:, None] * (1 - mask[None]) + fc[:, None] * mask[None]
         xs = jnp.concatenate([xc[:, None], removed], axis=1)
-        logit, _ = _scores(model, params, xs, tc, None)
+        logit, _ = _scores(f, xs, tc, None)
         return _pearson(mass, logit[:, :1] - logit[:, 1:])
 
     return chunked_map(chunk, (x, jnp.asarray(target), heat, fill), batch_size)
@@ -210,21 +222,21 @@ def sparseness(attribution):
     return jnp.where(total > 0, gini, 0.0)
 
 
-def conservation_error(model, params, x, target, attribution):
+def conservation_error(f, x, target, attribution):
     """``|Σ attribution − logit[target]| / |logit[target]|`` per image (LRP's conservation)."""
-    logits = explained(model, params)(x)
+    logits = f(x)
     z = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
     total = attribution.reshape(attribution.shape[0], -1).sum(1)
     return jnp.abs(total - z) / jnp.maximum(jnp.abs(z), 1e-12)
 
 
-def param_layers_top_down(model) -> list[str]:
-    """Names of the top-level modules and parameters, output layer first (the cascade's order):
-    ordered by where the forward pass first reads them, not by name (a ViT's ``pos`` comes after
-    its ``embed`` and before ``block_0``)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    x = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(shapes, x).jaxpr
+def layers_top_down(apply: Callable, params, x) -> list[str]:
+    """The top-level entries of ``params`` (a dict: a Linen ``"params"`` collection), output layer
+    first: ordered by where ``apply(params, x)`` first reads them, not by name (a ViT's ``pos`` comes
+    after its ``embed`` and before ``block_0``)."""
+    shapes = jax.eval_shape(lambda: params)
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    jaxpr = jax.make_jaxpr(apply)(shapes, spec).jaxpr
     first_read = {}
     for i, eqn in enumerate(jaxpr.eqns):
         for var in eqn.invars:
@@ -238,35 +250,36 @@ def param_layers_top_down(model) -> list[str]:
     return sorted(order, key=lambda name: order[name], reverse=True)
 
 
-def randomized_params(model, params, n_layers: int, key: jax.Array):
-    """``params`` with the top ``n_layers`` parametrized layers re-initialized (cascading)."""
-    fresh = init_params(model, key)
-    top = param_layers_top_down(model)[:n_layers]
+def randomized(params, fresh, layers):
+    """``params`` with the entries named in ``layers`` taken from ``fresh`` (cast to their dtype)."""
+    missing = set(layers) - set(params)
+    if missing:
+        raise ValueError(f"no parameters named {sorted(missing)}; the model has {sorted(params)}")
+    cast = lambda a, b: a.astype(b.dtype)  # noqa: E731
     return {
-        name: (
-            jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), fresh[name], p)
-            if name in top
-            else p
-        )
+        name: jax.tree_util.tree_map(cast, fresh[name], p) if name in layers else p
         for name, p in params.items()
     }
 
 
 def randomization_cascade(
-    model,
+    apply: Callable,
     params,
+    fresh,
     x,
     target,
     explain_fn: Callable,
     *,
-    key: jax.Array | None = None,
     absolute: bool = True,
 ):
     """Model-parameter randomization test (Adebayo et al., 2018), cascading from the top layer.
 
     Args:
+      apply: ``(params, x) -> logits``, e.g. ``lambda p, x: model.apply({"params": p}, x)``; its
+        trace orders the layers (``layers_top_down``).
+      params: the trained parameters, a dict of layers; ``fresh``: the same tree re-initialized
+        (``model.init(key, x)["params"]``).
       explain_fn: ``(params, x, target) -> attribution``.
-      key: PRNG key of the re-initialization (default ``key(1)``).
       absolute: compare ``|attribution|`` (as Adebayo et al. and Quantus do by default).
 
     Returns:
@@ -275,13 +288,12 @@ def randomization_cascade(
       ``attributions``: ``[L + 1, B, H, W]`` (the original first). A faithful method's similarity
       falls towards 0 as the layers are randomized.
     """
-    key = jax.random.key(1) if key is None else key
-    names = param_layers_top_down(model)
+    names = layers_top_down(apply, params, x)
     original = _heat(explain_fn(params, x, target))
     maps, sims = [original], []
     prep = (lambda a: jnp.abs(a)) if absolute else (lambda a: a)
     for k in range(1, len(names) + 1):
-        heat = _heat(explain_fn(randomized_params(model, params, k, key), x, target))
+        heat = _heat(explain_fn(randomized(params, fresh, names[:k]), x, target))
         maps.append(heat)
         sims.append(
             spearman(prep(original).reshape(x.shape[0], -1), prep(heat).reshape(x.shape[0], -1))

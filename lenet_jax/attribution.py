@@ -1,0 +1,40 @@
+"""The package's models explained: a method of ``lenet_jax.explain`` as a function of the parameters,
+with the options the model's dataset fills in (the zᴮ bounds, the black baseline) and its default LRP
+composite. The glue behind the CLIs, the explorer, the evaluation and the benchmark; a user's own
+model needs none of it (it calls ``lenet_jax.explain`` directly)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lenet_jax import explain, models
+
+
+def attribution_fn(name: str, model, **options):
+    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model.
+
+    The model's dataset fills the options the method takes and ``options`` leaves unset
+    (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
+    and occlusion).
+    """
+    opts = with_dataset_options(name, model, options)
+
+    def fn(params, x, target=None):
+        return explain.attribute(name, models.explained(model, params), x, target, **opts)
+
+    return fn
+
+
+def with_dataset_options(name: str, model, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with what ``model``'s dataset fills in among the options method ``name`` takes
+    and ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
+    baseline of Integrated Gradients and occlusion), and LRP's composite
+    (``models.default_composite``: AttnLRP for the ViT)."""
+    accepted = explain.method_options(name)
+    opts = dict(options)
+    defaults = {**models.dataset_options(model), "composite": models.default_composite(model)}
+    for key, value in defaults.items():
+        if key in accepted and opts.get(key) is None:
+            opts[key] = value
+    return opts
