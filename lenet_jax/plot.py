@@ -246,27 +246,37 @@ _FAMILIES = (
 )
 
 
-def _family_colors(names) -> dict:
-    """Method -> colour: one colour map per family, shades within it."""
-    colors = {}
+# Line styles within a family, so that its members (six LRP composites) are told apart in print.
+_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)), (0, (8, 2)), (0, (3, 3)))
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
+
+
+def _family_styles(names) -> dict:
+    """Method -> ``dict(color=..., ls=..., marker=...)``: a colour map per family, shades, line
+    styles and markers within it."""
+    styles = {}
     for belongs, cmap in _FAMILIES:
-        members = [n for n in names if n not in colors and belongs(n)]
+        members = [n for n in names if n not in styles and belongs(n)]
         levels = np.linspace(0.45, 0.95, len(members)) if len(members) > 1 else [0.8]
         shades = plt.get_cmap(cmap)(levels)
-        colors.update(zip(members, shades, strict=False))
-    return colors
+        for k, (name, shade) in enumerate(zip(members, shades, strict=False)):
+            styles[name] = dict(
+                color=shade, ls=_STYLES[k % len(_STYLES)], marker=_MARKERS[k % len(_MARKERS)]
+            )
+    return styles
 
 
 def flipping_curves(curves: dict, random_curve: dict, random_band=None):
     """Pixel-flipping curves: mean target probability vs fraction removed, MoRF and LeRF panels,
-    coloured by family (LRP composites red, gradient methods blue, CAMs green); the AOPC of each
-    curve is in the legend under each panel.
+    coloured by family (LRP composites red, gradient methods blue, CAMs green), each member of a
+    family with its own line style and marker; the AOPC of each curve is in the legend under each
+    panel.
 
     Args:
-      curves: method -> {"morf": summary, "lerf": summary} (``evaluate.summarize_curves``).
+      curves: method -> {"morf": summary, "lerf": summary} (``explain.metrics.summarize_curves``).
       random_curve: the random-order summary; ``random_band``: ``(low, high)`` per step, shaded.
     """
-    colors = _family_colors(list(curves))
+    styles = _family_styles(list(curves))
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.4), sharey=True)
     for ax, order, better in zip(axes, ("morf", "lerf"), ("lower", "higher"), strict=True):
         frac = random_curve["fraction"]
@@ -279,7 +289,9 @@ def flipping_curves(curves: dict, random_curve: dict, random_band=None):
             ax.plot(
                 c[order]["fraction"],
                 c[order]["prob"],
-                color=colors[name],
+                **styles[name],
+                markersize=3.5,
+                markevery=max(1, len(c[order]["fraction"]) // 8),
                 label=f"{name} ({c[order]['aopc']:.3f})",
             )
         ax.set(
@@ -301,7 +313,10 @@ def flipping_curves(curves: dict, random_curve: dict, random_band=None):
 
 
 def randomization_cascade(pixels, cascades: dict, layers, signed: dict):
-    """Heatmaps as the layers are re-initialized from the top: rows = methods, columns = steps.
+    """The randomization sanity check (Adebayo et al., 2018) as heatmaps: rows = methods, columns =
+    the original model, then the layers re-initialized cumulatively from the output (column
+    ``+conv2`` has conv2 and every layer above it random). A title, and a line that says how to
+    read it, head the figure.
 
     Args:
       pixels: ``[H, W]`` the digit.
@@ -322,5 +337,17 @@ def randomization_cascade(pixels, cascades: dict, layers, signed: dict):
             _show_heat(axes[i, j], pixels, np.asarray(heat), signed.get(name.split(":")[0], True))
             if i == 0:
                 axes[i, j].set_title("original" if j == 1 else f"+{layers[j - 2]}", fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(
+        "Randomization sanity check: layers re-initialized cumulatively, from the output down",
+        fontsize=9,
+    )
+    fig.text(
+        0.5,
+        1 - 0.55 / fig.get_figheight(),
+        "column '+L': layer L and every layer above it random.  Signed maps: red = for the class, "
+        "blue = against; others: darker = more important.  A faithful map turns to noise.",
+        ha="center",
+        fontsize=6.5,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
     return fig
