@@ -25,15 +25,15 @@ from __future__ import annotations
 import json
 import logging
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from lenet_jax.serve.explorer import Explorer, RequestError
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.responses import Response
 
 MAX_BODY = 1 << 20  # 1 MB
 REQUEST_TIMEOUT = 10.0  # seconds from a request's first byte (or the connection) to its last
@@ -46,7 +46,16 @@ def create_app(
     explorer: Explorer, *, seed: int | None = None, hosts: tuple[str, ...] = HOSTS
 ) -> Starlette:
     """The app serving ``explorer``; ``seed`` fixes the random test digits (tests); ``hosts``: the
-    host names requests may name (``Host`` without the port)."""
+    host names requests may name (``Host`` without the port).
+
+    Needs the ``serve`` extra (Starlette), imported here so that the module imports (and its API
+    documents) without it."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
     page = resources.files("lenet_jax.serve").joinpath("page.html").read_text(encoding="utf-8")
     rng = np.random.default_rng(seed)
     allowed = {h.lower() for h in hosts}
@@ -170,4 +179,6 @@ def _timely_h11(timeout: float):
 
 
 def _error(message: str) -> Response:
+    from starlette.responses import JSONResponse
+
     return JSONResponse({"error": message}, status_code=400)
