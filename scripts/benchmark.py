@@ -1,8 +1,9 @@
 """Benchmarks with their peers, side by side: ``python scripts/benchmark.py [--only train,explain]``.
 
 Times are medians of ``--repeats`` runs after a separate first (compiling) run, each ended by
-``block_until_ready``. Writes JSON and a Markdown table (``--out``, default ``docs/benchmark``).
-The PyTorch/zennit peers run when the ``peers`` extra is installed, on the same weights.
+``block_until_ready``. Writes ``STEM.json`` and ``STEM.md`` (``--out``); the docs' figures are
+``--captum --out docs/performance``, whose page ``scripts/performance_doc.py`` renders from the JSON.
+The PyTorch/zennit/captum/LXT peers run when the ``peers`` extra is installed, on the same weights.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the PyTorch twins of the peers' runs (tests/twins.py)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from performance_doc import render  # noqa: E402  (scripts/performance_doc.py)
 
 from lenet_jax import cli, explain  # noqa: E402
+from lenet_jax.attribution import attribution_fn  # noqa: E402
 from lenet_jax.augment import make_augment  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
@@ -33,7 +38,6 @@ from lenet_jax.io import writable_folder, write_report  # noqa: E402
 from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
 from lenet_jax.predict import predict  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
-from lenet_jax.report import attribution_fn  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
     Step,
     TrainConfig,
@@ -308,8 +312,7 @@ def torch_peer(model, params, x):
     """``(twin, x_nchw)``: the float32 PyTorch twin of ``model`` with ``params``, and ``x`` as its
     NCHW input tensor."""
     import torch
-
-    from lenet_jax.twins import to_nchw, torch_twin
+    from twins import to_nchw, torch_twin
 
     return torch_twin(model, params, dtype="float32"), torch.tensor(to_nchw(np.asarray(x)))
 
@@ -599,8 +602,7 @@ def bench_transformer(images, repeats, peers, batch_size=500):
     if not peers:
         return rows, None
     import torch
-
-    from lenet_jax.twins import lxt_relevance, transformer_twin
+    from twins import lxt_relevance, transformer_twin
 
     twin = transformer_twin("vit", params, "attn_lrp", model.num_heads, dtype="float32")
     target = np.asarray(predict(model, params, x).argmax(1))
@@ -620,24 +622,16 @@ def bench_transformer(images, repeats, peers, batch_size=500):
     return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def markdown(results) -> str:
-    lines = [
-        f"Machine: {results['machine']}; JAX {results['jax']} on {results['device']}; "
-        f"{results['images']:,} test images in the explain sections.",
-        "",
-        "| what | first call (s) | steady, median (s) | images/s |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in results["rows"]:
-        ips = f"{row['images_per_s']:,.0f}" if "images_per_s" in row else ""
-        name = row["name"]
-        if "history" in row:  # time to accuracy: the first epoch, then the total of all epochs
-            name += "; first column: epoch 1, second: all epochs"
-        lines.append(f"| {name} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
-    if results.get("ratios"):
-        lines += ["", *[f"- {k}: {v:.2f}" if abs(v) >= 0.01 else f"- {k}: {v:.1e}"
-                        for k, v in results["ratios"].items()]]  # fmt: skip
-    return "\n".join(lines) + "\n"
+def _versions(peers: bool) -> dict[str, str]:
+    """Versions of flax and of the peers that ran."""
+    names = ["flax", *(["torch", "zennit", "captum", "grad-cam", "lxt"] if peers else [])]
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 SECTIONS = ("train", "explain", "user_model", "transformer", "accuracy", "devices")
@@ -653,9 +647,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--methods", default=",".join(explain.METHODS), help="methods for the explain section"
     )
-    p.add_argument("--repeats", type=cli.positive_int, default=5)
-    p.add_argument("--batch-size", type=cli.positive_int, default=64)
-    p.add_argument("--large-batch", type=cli.positive_int, default=1024)
+    p.add_argument(
+        "--repeats", type=cli.positive_int, default=5, help="timed runs after the first, per row"
+    )
+    p.add_argument(
+        "--batch-size", type=cli.positive_int, default=64, help="batch of the training epochs"
+    )
+    p.add_argument(
+        "--large-batch", type=cli.positive_int, default=1024, help="batch of the large-batch epochs"
+    )
     p.add_argument(
         "--preset", default="fast", choices=sorted(PRESETS), help="recipe of the accuracy section"
     )
@@ -672,7 +672,7 @@ def main(argv=None) -> int:
         "--out",
         type=Path,
         default=Path("runs/benchmark"),
-        help="output stem: writes STEM.json and STEM.md (the docs' figures: --out docs/benchmark)",
+        help="output stem: writes STEM.json and STEM.md (the docs' page: --out docs/performance)",
     )
     args = p.parse_args(argv)
     if args.devices_child:
@@ -698,7 +698,10 @@ def main(argv=None) -> int:
         test_x, _ = load_mnist("test", progress=False)
     device = jax.devices()[0]
     results = {
+        "command": " ".join(["python scripts/benchmark.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"),
         "machine": cli.machine(),
+        "versions": _versions(peers),
         "jax": jax.__version__,
         "device": f"{device.platform}:{device.device_kind}",
         "images": args.images,
@@ -712,7 +715,7 @@ def main(argv=None) -> int:
         if peers:
             pt = bench_torch_train(train_x, train_y, args.repeats, args.batch_size)
             results["rows"].append(pt)
-            results["ratios"]["JAX epoch / PyTorch peer epoch"] = jx["median_s"] / pt["median_s"]
+            results["ratios"]["PyTorch peer epoch / JAX epoch"] = pt["median_s"] / jx["median_s"]
             seed = bench_torch_seed_pipeline(train_x, train_y, max(1, min(args.repeats, 2)))
             results["rows"].append(seed)
             results["ratios"]["PyTorch tutorial pipeline epoch / JAX epoch"] = (
@@ -725,8 +728,8 @@ def main(argv=None) -> int:
         if peers:
             pt_big = bench_torch_train(train_x, train_y, args.repeats, args.large_batch)
             results["rows"].append(pt_big)
-            results["ratios"][f"JAX epoch / PyTorch peer epoch, batch {args.large_batch}"] = (
-                big["median_s"] / pt_big["median_s"]
+            results["ratios"][f"PyTorch peer epoch / JAX epoch, batch {args.large_batch}"] = (
+                pt_big["median_s"] / big["median_s"]
             )
     if "accuracy" in sections:
         print(f"time to 99.0% (--preset {args.preset}) ...", flush=True)
@@ -814,7 +817,7 @@ def main(argv=None) -> int:
                 rows[2]["median_s"] / rows[0]["median_s"]
             )
             results["ratios"]["largest |JAX − LXT| / largest |LXT|, ViT, float32"] = diff
-    md = markdown(results)
+    md = render(results)
     print(md)
     write_report(args.out, results, md)
     return 0

@@ -1,4 +1,5 @@
-"""The notebooks run top to bottom (small settings), as CI's check that they teach working code."""
+"""The notebooks are stored with their outputs (run top to bottom, full size) and run again here with
+small settings, as CI's check that they teach working code."""
 
 from pathlib import Path
 
@@ -8,7 +9,17 @@ from conftest import require
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_five_notebooks_are_there():
+def _images(book) -> int:
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in book.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", ())
+    )
+
+
+def test_the_five_notebooks_are_stored_run_in_order_with_their_figures():
+    nbformat = require("nbformat")
     assert [p.name for p in NOTEBOOKS] == [
         "01_train_lenet5.ipynb",
         "02_explain.ipynb",
@@ -16,6 +27,13 @@ def test_the_five_notebooks_are_there():
         "04_explain_your_own_model.ipynb",
         "05_explain_a_transformer.ipynb",
     ]
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        counts = [c.execution_count for c in book.cells if c.cell_type == "code"]
+        assert counts == list(range(1, len(counts) + 1)), f"{path.name}: not run top to bottom"
+        errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs
+                  if o.output_type == "error"]  # fmt: skip
+        assert not errors and _images(book) >= 2, path.name
 
 
 @pytest.mark.slow
@@ -24,19 +42,13 @@ def test_notebook_executes(path, tmp_path, monkeypatch, mnist):
     nbformat = require("nbformat")
     nbclient = require("nbclient")
     book = nbformat.read(path, as_version=4)
-    assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), (
-        "notebooks are stored without outputs"
-    )
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     monkeypatch.setenv("LENET_JAX_SMALL", "1")
     client = nbclient.NotebookClient(
         book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError, naming the cell, when one fails
-    images = sum(
-        "image/png" in out.get("data", {})
-        for cell in book.cells
-        if cell.cell_type == "code"
-        for out in cell.outputs
-    )
-    assert images >= 2, "every notebook draws its figures"
+    assert _images(book) >= 2, "every notebook draws its figures"
     assert list(tmp_path.iterdir()) == [], "notebooks write into runs/ or a temporary folder only"

@@ -1,0 +1,103 @@
+"""docs/performance.md and the README's speed table, rendered from the benchmark's JSON.
+
+``scripts/benchmark.py --out docs/performance`` writes ``docs/performance.json`` and, through
+``render``, ``docs/performance.md``; ``readme_table`` is the README's short table of ratios. Both are
+functions of the JSON alone (the tests check that the committed files are what they render), so the
+figures in the docs are the ones the benchmark last measured, once.
+"""
+
+from __future__ import annotations
+
+# ratio key in the JSON -> its line in the README's table (PyTorch tool time / JAX time)
+README_RATIOS = {
+    "zennit time / JAX LRP time": "LRP `epsilon_plus_flat`, LeNet-5: zennit",
+    "zennit time / JAX LRP time, Linen VGG with BatchNorm": (
+        "LRP, a Linen VGG with BatchNorm: zennit with its BatchNorm canonizer"
+    ),
+    "captum saliency time / JAX time": "saliency: captum",
+    "captum smoothgrad time / JAX time": "SmoothGrad, 50 samples: captum's `NoiseTunnel`",
+    "captum integrated_gradients time / JAX time": "Integrated Gradients, 50 steps: captum",
+    "pytorch-grad-cam ScoreCAM time / JAX time": "Score-CAM: pytorch-grad-cam",
+    "PyTorch peer epoch / JAX epoch": (
+        "training epoch, batch 64: the same LeNet-5 in PyTorch (preloaded tensors)"
+    ),
+    "LXT AttnLRP time / JAX AttnLRP time, ViT": "AttnLRP, the ViT: LXT 2.1 on its twin",
+}
+
+NOTES = """\
+## How to read it
+
+- **Ratios.** "tool time / JAX time" above 1 means JAX is faster; "first call" is tracing, planning
+  and compiling plus one run. Every peer runs on a PyTorch twin with the same weights and the same
+  images; the maps are compared in the test suite (float64), the table above gives the float32
+  difference where it is measured here.
+- **The convolution.** Every explanation runs the model as written, so LeNet-5's and the VGG's
+  convolutions are XLA's `lax.conv`. On this CPU XLA's convolution is slower than PyTorch's oneDNN
+  for these shapes: the row "PyTorch forward / JAX forward of the masked inputs" is that bound on
+  its own (plain forward passes of the same 160,000 inputs, no explanation), and the gradient
+  methods, Score-CAM and occlusion inherit it. Training uses faster CPU forms of LeNet-5's layers
+  (`cpu_kernels.py`, tested equal to `lax`), which is why the epoch is ahead of PyTorch's.
+- **LRP's own cost** is "LRP time / saliency time": one forward pass plus one rule evaluation per
+  layer, against one forward and one backward pass.
+- **Memory.** Each method splits a batch into equal chunks when its working set would exceed
+  `explain.common.MEMORY_BUDGET` (4 GiB); the 10,000 LeNet-5 images run whole.
+- **The explorer's requests** are timed by `scripts/benchmark_explorer.py`:
+  [explorer/benchmark.md](explorer/benchmark.md).
+
+## History
+
+Before the graph engine (2026-12-02) LRP walked the package's own layer list with the CPU forms of
+`cpu_kernels.py`, and explained only the package's models: on the same AMD EPYC VM it ran 6.4× as
+fast as zennit on LeNet-5 (5.2× on the Intel Xeon VM), SmoothGrad took 19.4 s, Integrated
+Gradients 18.1 s, Score-CAM 3.0 s and occlusion 40 s for the 10,000 images. Explaining any model by
+its own computation traded those forms for `lax.conv`; the difference is the convolution (the
+forward-pass row above).
+"""
+
+
+def _number(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.1e}"
+
+
+def render(results: dict) -> str:
+    """docs/performance.md for the benchmark's ``results``."""
+    versions = ", ".join(f"{k} {v}" for k, v in results.get("versions", {}).items())
+    lines = [
+        "# Performance",
+        "",
+        f"Measured by `{results['command']}` on {results['date']}: {results['machine']}; "
+        f"JAX {results['jax']} on {results['device']}"
+        + (f"; {versions}" if versions else "")
+        + ".",
+        "Every figure here comes from [performance.json](performance.json), which that command wrote",
+        "with this page; run it to measure your own machine (`--help` lists the sections and their",
+        f"defaults). Explanations are of the first {results['images']:,} MNIST test images in one",
+        "call; times are medians of the runs after the first.",
+        "",
+        "## Ratios",
+        "",
+        "| what | value |",
+        "|---|---:|",
+        *[f"| {k} | {_number(v)} |" for k, v in results["ratios"].items()],
+        "",
+        "## Every timing",
+        "",
+        "| what | first call (s) | median (s) | images/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in results["rows"]:
+        ips = f"{row['images_per_s']:,.0f}" if "images_per_s" in row else ""
+        name = row["name"]
+        if "history" in row:  # time to accuracy: the first epoch, then the total of all epochs
+            name += "; first column: epoch 1, second: all epochs"
+        lines.append(f"| {name} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
+    return "\n".join(lines) + "\n\n" + NOTES
+
+
+def readme_table(results: dict) -> str:
+    """The README's table of speed ratios (the entries of ``README_RATIOS`` the JSON has)."""
+    lines = ["| what (same weights, same images) | PyTorch tool time / JAX time |", "|---|---:|"]
+    for key, label in README_RATIOS.items():
+        if key in results["ratios"]:
+            lines.append(f"| {label} | {results['ratios'][key]:.2f}× |")
+    return "\n".join(lines) + "\n"
