@@ -3,10 +3,15 @@
 ``scripts/benchmark.py --out docs/performance`` writes ``docs/performance.json`` and, through
 ``render``, ``docs/performance.md``; ``readme_table`` is the README's short table of ratios. Both are
 functions of the JSON alone (the tests check that the committed files are what they render), so the
-figures in the docs are the ones the benchmark last measured, once.
+figures in the docs are the ones the benchmark last measured, once. After editing the page's text
+here, ``python scripts/performance_doc.py docs/performance.json`` renders it again (no timing).
 """
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 # ratio key in the JSON -> its line in the README's table (PyTorch tool time / JAX time)
 README_RATIOS = {
@@ -55,6 +60,10 @@ forward-pass row above).
 """
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def _number(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.1e}"
 
@@ -78,7 +87,7 @@ def render(results: dict) -> str:
         "",
         "| what | value |",
         "|---|---:|",
-        *[f"| {k} | {_number(v)} |" for k, v in results["ratios"].items()],
+        *[f"| {_cell(k)} | {_number(v)} |" for k, v in results["ratios"].items()],
         "",
         "## Every timing",
         "",
@@ -90,7 +99,7 @@ def render(results: dict) -> str:
         name = row["name"]
         if "history" in row:  # time to accuracy: the first epoch, then the total of all epochs
             name += "; first column: epoch 1, second: all epochs"
-        lines.append(f"| {name} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
+        lines.append(f"| {_cell(name)} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
     return "\n".join(lines) + "\n\n" + NOTES
 
 
@@ -101,3 +110,20 @@ def readme_table(results: dict) -> str:
         if key in results["ratios"]:
             lines.append(f"| {label} | {results['ratios'][key]:.2f}× |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """``performance_doc.py STEM.json``: writes ``STEM.md`` beside it and prints the README table."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].endswith(".json"):
+        print("usage: python scripts/performance_doc.py docs/performance.json", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    results = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(render(results))
+    print(readme_table(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
