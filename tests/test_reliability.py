@@ -233,7 +233,7 @@ def test_a_json_naming_another_model_is_refused_even_without_a_checksum(copied_r
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load_params(copied_run)
     assert str(info.value) == (
-        f"{copied_run}: the weights do not fit cnn(dataset='mnist', num_classes=10) named in the "
+        f"{copied_run}: the weights do not fit cnn(num_classes=10) named in the "
         "checkpoint's JSON; it was edited or comes from another run"
     )
 
