@@ -11,14 +11,15 @@ from typing import Any
 from lenet_jax import explain, models
 
 
-def attribution_fn(name: str, model, **options):
-    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model.
+def attribution_fn(name: str, model, dataset: str = "mnist", **options):
+    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model reading
+    images of ``dataset`` (the run's).
 
-    The model's dataset fills the options the method takes and ``options`` leaves unset
+    The dataset fills the options the method takes and ``options`` leaves unset
     (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
     and occlusion).
     """
-    opts = with_dataset_options(name, model, options)
+    opts = with_dataset_options(name, model, dataset, options)
 
     def fn(params, x, target=None):
         return explain.attribute(name, models.explained(model, params), x, target, **opts)
@@ -26,14 +27,16 @@ def attribution_fn(name: str, model, **options):
     return fn
 
 
-def with_dataset_options(name: str, model, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with what ``model``'s dataset fills in among the options method ``name`` takes
-    and ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
+def with_dataset_options(
+    name: str, model, dataset: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``options`` with what ``dataset`` fills in among the options method ``name`` takes and
+    ``options`` leaves unset (``models.dataset_options``: the zᴮ bounds of LRP, the black
     baseline of Integrated Gradients and occlusion), and LRP's composite
     (``models.default_composite``: AttnLRP for the ViT)."""
     accepted = explain.method_options(name)
     opts = dict(options)
-    defaults = {**models.dataset_options(model), "composite": models.default_composite(model)}
+    defaults = {**models.dataset_options(dataset), "composite": models.default_composite(model)}
     for key, value in defaults.items():
         if key in accepted and opts.get(key) is None:
             opts[key] = value

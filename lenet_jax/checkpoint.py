@@ -18,6 +18,7 @@ from typing import Any
 
 from flax import serialization
 
+from lenet_jax.data import get_dataset
 from lenet_jax.io import atomic_write_bytes, atomic_write_json, remove_orphans
 from lenet_jax.models import build_model, describe, model_config
 
@@ -189,7 +190,8 @@ def load_params(run_dir: str | Path, epoch: int | None = None):
     for inference.
 
     Returns:
-      ``(model, params, metadata)``; ``params`` is the ``"params"`` collection.
+      ``(model, params, metadata)``; ``params`` is the ``"params"`` collection, and
+      ``metadata["dataset"]`` the dataset the run trained on (``run_dataset``).
 
     Raises:
       CheckpointError: no checkpoint in ``run_dir``, or a damaged one (``latest_checkpoint``).
@@ -200,20 +202,29 @@ def load_params(run_dir: str | Path, epoch: int | None = None):
     meta, payload = found
     try:
         model = build_model(meta["model"])
+        meta = {**meta, "dataset": run_dataset(meta)}
+        get_dataset(meta["dataset"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir}: the checkpoint names no valid model ({e})") from None
     params = _as_jax(serialization.msgpack_restore(payload)["params"])
-    _check_shapes(model, params, run_dir)
+    _check_shapes(model, params, meta["dataset"], run_dir)
     return model, params, meta
 
 
-def _check_shapes(model, params, run_dir) -> None:
-    """Raises ``CheckpointError`` unless ``params`` has exactly the shapes ``model`` creates."""
+def run_dataset(metadata: dict[str, Any]) -> str:
+    """The dataset a run trained on, as its checkpoint records it (runs written before the model
+    config lost its ``dataset`` also name it there)."""
+    return metadata.get("dataset") or metadata.get("model", {}).get("dataset", "mnist")
+
+
+def _check_shapes(model, params, dataset, run_dir) -> None:
+    """Raises ``CheckpointError`` unless ``params`` has exactly the shapes ``model`` creates for
+    ``dataset``'s images."""
     import jax
 
     from lenet_jax.models import init_params
 
-    expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    expected = jax.eval_shape(lambda: init_params(model, jax.random.key(0), dataset))
 
     def shapes(tree):
         leaves = jax.tree_util.tree_leaves_with_path(tree)

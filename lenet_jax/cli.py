@@ -144,13 +144,15 @@ def resolve_run(parser: argparse.ArgumentParser, run, epoch: int | None = None):
 def run_summary(run, meta: dict) -> str:
     """``Run runs/x: vit on MNIST, epoch 10 of 10, test accuracy 98.33%`` for a checkpoint's
     metadata."""
+    from lenet_jax.checkpoint import run_dataset
     from lenet_jax.data import get_dataset
 
     model = meta.get("model", {})
+    name = run_dataset(meta)
     try:
-        dataset = get_dataset(model.get("dataset", "mnist")).title
+        dataset = get_dataset(name).title
     except ValueError:
-        dataset = model.get("dataset")
+        dataset = name
     accuracy = meta.get("test", {}).get("accuracy")
     total = meta.get("config", {}).get("epochs")
     text = f"Run {run}: {model.get('name')} on {dataset}, epoch {meta.get('epoch')}"

@@ -68,6 +68,7 @@ class _Inputs:
     """The evaluated images of a run, their targets and the jitted metrics."""
 
     model: Any
+    dataset: str  # the run's
     params: Any
     x: jax.Array  # normalized test images
     target: jax.Array  # the predicted classes
@@ -139,11 +140,10 @@ def evaluate_run(
 def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_source) -> _Inputs:
     """The run's model and the first ``n`` test images (fewer when the test set is smaller), their
     predicted classes, and the jitted metrics; with several devices, the batch split over them."""
-    model, params, _ = checkpoint.load_params(run_dir, epoch)
-    images, _ = load_dataset(
-        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
-    )
-    x = model.preprocess(images[:n])
+    model, params, meta = checkpoint.load_params(run_dir, epoch)
+    dataset = meta["dataset"]
+    images, _ = load_dataset(dataset, "test", data_dir=data_dir, source=data_source, progress=False)
+    x = models.model_input(model, dataset).preprocess(images[:n])
     n, n_randomization = x.shape[0], min(n_randomization, x.shape[0])
     target = jnp.argmax(models.explained(model, params)(x), axis=1).astype(jnp.int32)
     mesh = parallel.default_mesh()
@@ -155,7 +155,7 @@ def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_s
             )
         x, target = (parallel.make_global(a, parallel.batch_sharding(mesh)) for a in (x, target))
         params = parallel.replicate(params, mesh)
-    bounds = normalized_range(model.dataset)
+    bounds = normalized_range(dataset)
 
     def flip(p, v, t, a, order):
         f = models.explained(model, p)
@@ -168,6 +168,7 @@ def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_s
 
     return _Inputs(
         model,
+        dataset,
         params,
         x,
         target,
@@ -194,7 +195,7 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
     """``(row, curves, cascade)`` of one entry: its table row, its MoRF/LeRF curve summaries and its
     randomization cascade."""
     params, x, target = inputs.params, inputs.x, inputs.target
-    fn = jax.jit(attribution_fn(name, inputs.model, **options))
+    fn = jax.jit(attribution_fn(name, inputs.model, inputs.dataset, **options))
     compiled = fn.lower(params, x, target).compile()
     t0 = time.perf_counter()
     attr = jax.block_until_ready(compiled(params, x, target))
@@ -206,7 +207,7 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
     cascade = metrics.randomization_cascade(
         lambda p, v: models.explained(inputs.model, p)(v),
         params,
-        models.init_params(inputs.model, jax.random.key(1)),
+        models.init_params(inputs.model, jax.random.key(1), inputs.dataset),
         inputs.xr,
         inputs.tr,
         fn,
@@ -235,7 +236,7 @@ def _conservation(inputs: _Inputs, name: str, attr) -> float | None:
     if name != "integrated_gradients":
         return None
     f = target_logit(models.explained(model, params), target)
-    black = jnp.asarray(models.dataset_options(model)["baseline"], x.dtype)
+    black = jnp.asarray(models.dataset_options(inputs.dataset)["baseline"], x.dtype)
     delta = f(x) - f(jnp.broadcast_to(black, x.shape))
     gap = delta - attr.reshape(attr.shape[0], -1).sum(1)
     return float((jnp.abs(gap) / jnp.maximum(jnp.abs(delta), 1e-12)).mean())
@@ -249,7 +250,7 @@ def _write(out: Path, results, curves, random, cascades, inputs: _Inputs) -> Non
     atomic_write_bytes(out / "evaluation.md", evaluation_markdown(results).encode())
     figure = plot.flipping_curves(curves, random["summary"], random["band"])
     plot.save(figure, out / "flipping_curves.png")
-    pixels = np.asarray(to_pixels(inputs.xr[:1], inputs.model.dataset))[0]
+    pixels = np.asarray(to_pixels(inputs.xr[:1], inputs.dataset))[0]
     layers = results["cascade_layers"]
     plot.save(
         plot.randomization_cascade(pixels, cascades, layers, explain.SIGNED),

@@ -21,10 +21,12 @@ from lenet_jax.data import get_dataset, load_dataset
 from lenet_jax.io import atomic_write_json
 from lenet_jax.models import (
     ImageClassifier,
+    ModelInput,
     build_model,
     count_params,
     init_params,
     model_config,
+    model_input,
 )
 from lenet_jax.predict import classification_report, predict
 from lenet_jax.train import (
@@ -68,6 +70,7 @@ def train_and_evaluate(
     config: TrainConfig,
     run_dir: str | Path,
     *,
+    dataset: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
     data_dir: str | Path | None = None,
@@ -86,6 +89,8 @@ def train_and_evaluate(
       model: the Linen model; ``None`` with ``resume`` takes the checkpoint's.
       config: hyperparameters (for ``resume``, the run's saved config is used instead).
       run_dir: the run folder (created).
+      dataset: what the model learns, a name in ``lenet_jax.data.DATASETS`` (default ``"mnist"``;
+        with ``resume``, the run's, and another is refused). The run records it.
       resume: continue from the newest checkpoint in ``run_dir`` (a damaged one is refused).
       overwrite: a new run in a folder holding files of another: they are moved aside first, into
         ``<run_dir>.replaced/<time>/`` (without it such a folder is refused).
@@ -115,19 +120,21 @@ def train_and_evaluate(
                 aside = _move_aside(run_dir)
                 if aside is not None:
                     _log(f"Moved the earlier files of {run_dir} to {aside}")
-        model, config, train_limit, found = _settings(model, config, run_dir, resume, train_limit)
+        settings = _settings(model, config, dataset, run_dir, resume, train_limit)
+        model, config, dataset, train_limit, found = settings
+        inputs = model_input(model, dataset)
         if writer:
             what = f"resuming after epoch {found[0]['epoch']}" if found else "a new run"
-            dataset = get_dataset(model.dataset).title
-            _log(f"Run {run_dir}: {model_config(model)['name']} on {dataset}, {what}")
+            title = get_dataset(dataset).title
+            _log(f"Run {run_dir}: {model_config(model)['name']} on {title}, {what}")
         mesh = parallel.default_mesh() if mesh == "auto" else mesh
         parallel.check_batch(config.batch_size, mesh)
-        data = _load_data(model, data_dir, data_source, train_limit, mesh, progress)
-        run = _Run(model, config, data, mesh, run_dir, progress)
+        data = _load_data(dataset, data_dir, data_source, train_limit, mesh, progress)
+        run = _Run(model, inputs, config, data, mesh, run_dir, progress)
         state, history, start = _initial_state(run, found)
         meta = _run_metadata(run, state, train_limit)
         step = Step(  # compiled in the first epoch
-            config.label_smoothing, model.preprocess, make_augment(config, model.dataset), mesh
+            config.label_smoothing, inputs.preprocess, make_augment(config, dataset), mesh
         )
         for epoch in range(start, config.epochs + 1):
             state, entry, report = _train_one_epoch(run, state, epoch, step)
@@ -156,6 +163,7 @@ class _Run:
     """What stays fixed during a run."""
 
     model: ImageClassifier
+    inputs: ModelInput  # the dataset the run trains on, at the model's input size
     config: TrainConfig
     data: _Data
     mesh: Any
@@ -163,9 +171,10 @@ class _Run:
     progress: bool
 
 
-def _settings(model, config, run_dir: Path, resume: bool, train_limit):
-    """``(model, config, train_limit, found)``: for ``resume``, the checkpoint's settings and the
-    checkpoint itself; for a new run, the given ones after checking the folder holds no run."""
+def _settings(model, config, dataset, run_dir: Path, resume: bool, train_limit):
+    """``(model, config, dataset, train_limit, found)``: for ``resume``, the checkpoint's settings
+    and the checkpoint itself; for a new run, the given ones after checking the folder holds no
+    run."""
     if not resume:
         earlier = _run_files(run_dir)
         if earlier:
@@ -176,14 +185,21 @@ def _settings(model, config, run_dir: Path, resume: bool, train_limit):
             )
         if model is None:
             raise ValueError("a model is needed unless resuming a run")
-        return model, config, train_limit, None
+        dataset = dataset or "mnist"
+        get_dataset(dataset)  # a clear error for an unknown name, before any work
+        return model, config, dataset, train_limit, None
     found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
         raise checkpoint.CheckpointError(f"--resume: no checkpoint in {run_dir}")
     meta = found[0]
     model = build_model(meta["model"]) if model is None else model
     checkpoint.check_model(meta, model_config(model))
-    return model, TrainConfig(**meta["config"]), meta.get("train_limit"), found
+    recorded = checkpoint.run_dataset(meta)
+    if dataset is not None and dataset != recorded:
+        raise checkpoint.CheckpointError(
+            f"{run_dir} is a run on {recorded!r}; it cannot resume on {dataset!r}"
+        )
+    return model, TrainConfig(**meta["config"]), recorded, meta.get("train_limit"), found
 
 
 def _run_files(run_dir: Path) -> list[str]:
@@ -205,10 +221,10 @@ def _move_aside(run_dir: Path) -> Path | None:
     return aside
 
 
-def _load_data(model, data_dir, data_source, train_limit, mesh, progress: bool) -> _Data:
-    """The model's dataset; with a mesh the whole training set is copied to every device (each step
+def _load_data(dataset, data_dir, data_source, train_limit, mesh, progress: bool) -> _Data:
+    """The run's dataset; with a mesh the whole training set is copied to every device (each step
     splits its batch)."""
-    ds = get_dataset(model.dataset)
+    ds = get_dataset(dataset)
     load = dict(data_dir=data_dir, source=data_source, progress=progress)
     train_x, train_y = load_dataset(ds.name, "train", **load)
     test_x, test_y = load_dataset(ds.name, "test", **load)
@@ -235,7 +251,8 @@ def _initial_state(run: _Run, found):
     """``(state, history, first_epoch)``: a fresh train state, or the checkpoint's when resuming."""
     init_key, dropout_key, _ = _keys(run.config)
     tx = make_optimizer(run.config, _steps_per_epoch(run))
-    state = create_train_state(run.model, init_params(run.model, init_key), tx, dropout_key)
+    params = init_params(run.model, init_key, run.inputs.dataset)
+    state = create_train_state(run.model, params, tx, dropout_key)
     history: list[dict] = []
     first = 1
     if found is not None:
@@ -257,7 +274,7 @@ def _run_metadata(run: _Run, state, train_limit) -> dict[str, Any]:
         "param_count": count_params(state.params),
         "dataset": ds.name,
         "classes": list(ds.classes),
-        "normalization": {"mean": ds.mean, "std": ds.std, "image_size": run.model.image_size},
+        "normalization": {"mean": ds.mean, "std": ds.std, "image_size": run.inputs.size},
         "config": dataclasses.asdict(run.config),
         "train_limit": train_limit,
         "backend": jax.default_backend(),
@@ -310,7 +327,14 @@ def _train_one_epoch(run: _Run, state, epoch: int, step: Step):
         )
         raise TrainingDiverged(f"training loss became {train['loss']} in epoch {epoch}; {kept}")
     test_x = run.data.test_images
-    logits = predict(run.model, state.params, test_x, config.eval_batch_size, run.mesh)
+    logits = predict(
+        run.model,
+        state.params,
+        test_x,
+        run.inputs.dataset,
+        batch_size=config.eval_batch_size,
+        mesh=run.mesh,
+    )
     report = classification_report(logits, run.data.test_y)
     test = {"loss": report["loss"], "accuracy": report["accuracy"]}
     _log(
@@ -347,16 +371,17 @@ def _finish(run: _Run, meta, figures: bool) -> dict[str, Any]:
     }
     atomic_write_json(run.run_dir / "metrics.json", metrics)
     if figures:
-        _write_figures(run.run_dir, run.model, final, run.data.test_x, run.data.test_y, classes)
+        _write_figures(run, final, classes)
     _log(f"Run saved in {run.run_dir}")
     return metrics
 
 
-def _write_figures(run_dir: Path, model, meta, test_x, test_y, classes):
+def _write_figures(run: _Run, meta, classes):
     from lenet_jax import plot
 
+    run_dir, test_x, test_y = run.run_dir, run.data.test_x, run.data.test_y
     _, params, _ = checkpoint.load_params(run_dir)
-    logits = predict(model, params, jnp.asarray(test_x))
+    logits = predict(run.model, params, jnp.asarray(test_x), run.inputs.dataset)
     probs = np.asarray(jax.nn.softmax(logits))
     pred = probs.argmax(1)
     report = meta["test"]

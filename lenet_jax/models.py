@@ -1,9 +1,10 @@
 """The package's models: idiomatic Flax Linen modules (``nn.Conv``, ``nn.Dense``, ``nn.avg_pool``).
 
-Each model knows the dataset whose images it reads (``dataset``): that fixes its input shape and
-normalization, and ``dataset_options`` turns it into what the explainers need of it (the zᴮ bounds
-and the black baseline). ``cpu_kernels`` swaps in the faster CPU forms of ``lenet_jax.cpu_kernels``
-for training; the parameters are the same either way, and the explanation methods always use the
+A model is only a model: the dataset it reads belongs to the run (its checkpoint records it), and
+``ModelInput`` — a dataset at the model's input size — turns that dataset's images into the
+model's input. ``dataset_options`` gives what the explainers need of a dataset (the zᴮ bounds and
+the black baseline). ``cpu_kernels`` swaps in the faster CPU forms of ``lenet_jax.cpu_kernels`` for
+training; the parameters are the same either way, and the explanation methods always use the
 reference form.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,33 +24,15 @@ from lenet_jax.data import get_dataset, normalized_range, preprocess
 
 
 class ImageClassifier(nn.Module):
-    """What the package's models share: the dataset they read and the ``cpu_kernels`` switch.
+    """What the package's models share: the ``cpu_kernels`` switch, and the input size their
+    architecture needs (``input_size``; ``None``: the size of the dataset's images).
 
     Attributes:
-      dataset: a name in ``lenet_jax.data.DATASETS``; fixes the input channels and normalization.
       cpu_kernels: compute with ``lenet_jax.cpu_kernels`` (training on CPU); same function.
     """
 
-    dataset: str = "mnist"
     cpu_kernels: bool = False
-
-    def __post_init__(self):
-        get_dataset(self.dataset)  # a clear error for an unknown name
-        super().__post_init__()
-
-    @property
-    def image_size(self) -> int:
-        """Side of the square input; the dataset's images are padded to it (default: theirs)."""
-        return get_dataset(self.dataset).image_shape[0]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(H, W, C)`` of one input."""
-        return (self.image_size, self.image_size, get_dataset(self.dataset).channels)
-
-    def preprocess(self, images):
-        """uint8 images of ``dataset`` -> the normalized ``[B, *input_shape]`` model input."""
-        return preprocess(images, self.dataset, self.image_size)
+    input_size: ClassVar[int | None] = None
 
     # The layer functions, reference or CPU form.
     def conv(self, features, kernel_size, *, name, padding="VALID", kernel_init):
@@ -87,6 +70,7 @@ class LeNet5(ImageClassifier):
     activation: str = "tanh"
     pool: str = "avg"
     num_classes: int = 10
+    input_size: ClassVar[int | None] = 32  # MNIST's 28x28 digits are padded to LeNet-5's 32x32
 
     def __post_init__(self):
         if self.activation not in ("tanh", "relu"):
@@ -94,11 +78,6 @@ class LeNet5(ImageClassifier):
         if self.pool not in ("avg", "max"):
             raise ValueError(f"unknown pool {self.pool!r}; choose 'avg' or 'max'")
         super().__post_init__()
-
-    @property
-    def image_size(self) -> int:
-        """32: MNIST's 28x28 digits are padded to LeNet-5's 32x32."""
-        return 32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -155,13 +134,8 @@ class MiniVGG(ImageClassifier):
     every conv and hidden dense layer, "same" padding. He (Kaiming) uniform kernels.
     """
 
-    dataset: str = "cifar10"
     num_classes: int = 10
-
-    @property
-    def image_size(self) -> int:
-        """32 (CIFAR-10's size; MNIST-like 28x28 images are padded)."""
-        return 32
+    input_size: ClassVar[int | None] = 32  # CIFAR-10's size; MNIST-like 28x28 images are padded
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -240,6 +214,34 @@ MODELS: dict[str, type[ImageClassifier]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """What a run feeds its model: the images of ``dataset``, padded to ``size`` x ``size`` and
+    normalized with the dataset's mean and standard deviation."""
+
+    dataset: str
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one input."""
+        return (self.size, self.size, get_dataset(self.dataset).channels)
+
+    def preprocess(self, images):
+        """uint8 images of ``dataset`` -> the normalized ``[B, *shape]`` model input."""
+        return preprocess(images, self.dataset, self.size)
+
+
+def model_input(model: ImageClassifier, dataset: str) -> ModelInput:
+    """``model``'s input for images of ``dataset`` (a name in ``lenet_jax.data.DATASETS``).
+
+    Raises:
+      ValueError: unknown dataset (the message lists the choices).
+    """
+    native = get_dataset(dataset).image_shape[0]
+    return ModelInput(dataset, model.input_size or native)
+
+
 def model_config(model: ImageClassifier) -> dict[str, Any]:
     """The JSON-able description of ``model``: its registry name and its attributes.
 
@@ -257,8 +259,10 @@ def model_config(model: ImageClassifier) -> dict[str, Any]:
 
 
 def build_model(config: dict[str, Any]) -> ImageClassifier:
-    """Builds a model from ``model_config`` output."""
+    """Builds a model from ``model_config`` output (a ``dataset`` entry, which checkpoints written
+    before the dataset moved to the run carry, is ignored: the run records it too)."""
     config = dict(config)
+    config.pop("dataset", None)
     name = config.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -267,13 +271,16 @@ def build_model(config: dict[str, Any]) -> ImageClassifier:
 
 def describe(config: dict[str, Any]) -> str:
     """``lenet5(activation='tanh', num_classes=10, pool='avg')`` for a model config."""
-    args = ", ".join(f"{k}={v!r}" for k, v in sorted(config.items()) if k != "name")
+    args = ", ".join(
+        f"{k}={v!r}" for k, v in sorted(config.items()) if k not in ("name", "dataset")
+    )
     return f"{config.get('name')}({args})"
 
 
-def init_params(model: ImageClassifier, key: jax.Array):
-    """The ``"params"`` collection of a freshly initialized ``model``."""
-    return model.init(key, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
+def init_params(model: ImageClassifier, key: jax.Array, dataset: str = "mnist"):
+    """The ``"params"`` collection of a freshly initialized ``model`` reading ``dataset``."""
+    shape = model_input(model, dataset).shape
+    return model.init(key, jnp.zeros((1, *shape), jnp.float32))["params"]
 
 
 def count_params(params) -> int:
@@ -281,11 +288,11 @@ def count_params(params) -> int:
     return sum(p.size for p in jax.tree_util.tree_leaves(params))
 
 
-def dataset_options(model: ImageClassifier) -> dict[str, float]:
-    """What the explainers need to know of ``model``'s dataset: ``low``/``high``, the normalized
-    black and white pixel (the zᴮ rule's bounds), and ``baseline``, the black pixel (for
-    Integrated Gradients and occlusion)."""
-    black, white = normalized_range(model.dataset)
+def dataset_options(dataset: str) -> dict[str, float]:
+    """What the explainers need to know of a dataset: ``low``/``high``, the normalized black and
+    white pixel (the zᴮ rule's bounds), and ``baseline``, the black pixel (for Integrated Gradients
+    and occlusion)."""
+    black, white = normalized_range(dataset)
     return {"low": black, "high": white, "baseline": black}
 
 

@@ -10,18 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import parallel
+from lenet_jax.models import model_input
 from lenet_jax.train import compute_metrics, summarize, training_model
 
 
-def predict(model, params, images, batch_size: int = 1000, mesh=None):
-    """Logits for uint8 ``images`` of the model's dataset, in jitted batches of one shape.
+def predict(model, params, images, dataset: str = "mnist", *, batch_size: int = 1000, mesh=None):
+    """Logits for uint8 ``images`` of ``dataset`` (the run's), in jitted batches of one shape.
 
     With a ``mesh``, each batch is split over its devices.
 
     Returns:
       float32 ``[N, num_classes]`` numpy array.
     """
-    apply = functools.partial(_logits, model)
+    apply = functools.partial(_logits, model, model_input(model, dataset))
     n = images.shape[0]
     out = []
     for start in range(0, n, batch_size):
@@ -34,10 +35,10 @@ def predict(model, params, images, batch_size: int = 1000, mesh=None):
     return np.concatenate(out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(model, params, images):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _logits(model, inputs, params, images):
     """The logits of uint8 ``images``, in the model's ``training_model`` form (faster on the CPU)."""
-    return training_model(model).apply({"params": params}, model.preprocess(images))
+    return training_model(model).apply({"params": params}, inputs.preprocess(images))
 
 
 def classification_report(logits_NK: np.ndarray, labels_N: np.ndarray) -> dict[str, Any]:

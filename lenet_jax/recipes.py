@@ -1,7 +1,8 @@
-"""Each model's published training recipe, and named presets on top of it.
+"""Each model's published training recipe and usual dataset, and named presets on top of them.
 
 ``recipe(model_name, preset)`` is what ``scripts/train.py`` starts from; its flags override single
-hyperparameters.
+hyperparameters. ``default_dataset(model_name)`` is the dataset a new run trains on unless
+``--dataset`` names another (a run records its dataset; the model does not know it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ PRESETS: dict[str, dict] = {
         epochs=15,
     ),
 }
+
+
+# model name -> the dataset its recipe is for, where not MNIST
+DATASETS: dict[str, str] = {"minivgg": "cifar10"}
+
+
+def default_dataset(model: str) -> str:
+    """The dataset ``model``'s recipe trains on (``"mnist"`` unless ``DATASETS`` says otherwise)."""
+    return DATASETS.get(model, "mnist")
 
 
 def recipe(model: str, preset: str | None = None) -> TrainConfig:

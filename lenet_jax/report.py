@@ -35,11 +35,12 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
     return np.sort(np.concatenate([right, wrong]))
 
 
-def explain_method(name: str, model, params, x, target=None, **options):
+def explain_method(name: str, model, params, x, target=None, *, dataset="mnist", **options):
     """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit,
     with the batch split over every device when there are several (``lenet_jax.parallel``)."""
     check_batch(x)
-    fn = jax.jit(functools.partial(attribution_fn(name, model, **options), target=target))
+    fn = attribution_fn(name, model, dataset, **options)
+    fn = jax.jit(functools.partial(fn, target=target))
     out = parallel.sharded_call(fn, parallel.default_mesh(), params, x)
     return out if out.ndim == 3 else out.sum(-1)
 
@@ -132,31 +133,34 @@ def explain_run(
         if out.suffix.lower() != ".png":
             raise ValueError(f"--out must name a .png file, got {out}")
     writable_folder(Path(run_dir) if out is None else out.parent, "--out")
-    model, params, _ = checkpoint.load_params(run_dir, epoch)
+    model, params, meta = checkpoint.load_params(run_dir, epoch)
+    dataset = meta["dataset"]
     composite = composite or models.default_composite(model)  # names the default output
     if out is None:
         out = Path(run_dir) / output_name(
             method, composite, target, layer, options, n, indices, images
         )
-    classes = get_dataset(model.dataset).classes
+    classes = get_dataset(dataset).classes
     # explain's own range check sees only concrete targets; under jit the target is traced
     if target is not None and not 0 <= target < len(classes):
         raise ValueError(
             f"target {target} out of range: the model has classes 0..{len(classes) - 1}"
         )
     x, logits, y, source = _chosen_inputs(
-        model, params, method, n, indices, images, data_dir, data_source
+        model, params, dataset, method, n, indices, images, data_dir, data_source
     )
     for name, opts in per_method.items():
         if name == "lrp":
             opts.setdefault("composite", composite)
         if layer and name in explain.CAM_METHODS:
             opts.setdefault("layer", layer)
-    view = _View(x, logits, y, target, classes, np.asarray(to_pixels(x, model.dataset)))
+    view = _View(x, logits, y, target, classes, np.asarray(to_pixels(x, dataset)))
     arrays = {**source, "pred": view.pred, "logits": logits, "target": view.explained}
     arrays["classes"] = np.array(classes)
     maps = {
-        name: np.asarray(explain_method(name, model, params, x, target=target, **opts))
+        name: np.asarray(
+            explain_method(name, model, params, x, target=target, dataset=dataset, **opts)
+        )
         for name, opts in per_method.items()
     }
     if method == "all":
@@ -169,7 +173,9 @@ def explain_run(
             arrays["relevance_sum"] = heat.reshape(len(x), -1).sum(1)
         figures = {"png": (out, _method_figure(view, method, heat, composite))}
         if method == "lrp" and layer:
-            figure = _feature_map_figure(model, params, x, target, layer, view, per_method["lrp"])
+            figure = _feature_map_figure(
+                model, params, dataset, x, target, layer, view, per_method["lrp"]
+            )
             figures["layer_png"] = (out.with_name(out.stem + f"_{layer}.png"), figure)
     return _save(out, arrays, figures)
 
@@ -289,18 +295,19 @@ def _save(out: Path, arrays: dict, figures: dict) -> dict[str, Path]:
     return written
 
 
-def _chosen_inputs(model, params, method, n, indices, images, data_dir, data_source):
+def _chosen_inputs(model, params, dataset, method, n, indices, images, data_dir, data_source):
     """``(x, logits, labels, saved)``: the normalized inputs to explain, their logits, their labels
     (``-1`` for image files) and what identifies them in the ``.npz`` (indices or file names)."""
+    inputs = models.model_input(model, dataset)
     if images is not None:
-        raw = read_images(images, model.dataset)
-        logits = np.asarray(predict(model, params, jnp.asarray(raw)))
+        raw = read_images(images, dataset)
+        logits = np.asarray(predict(model, params, jnp.asarray(raw), dataset))
         labels = np.full(len(raw), -1)
-        return model.preprocess(raw), logits, labels, {"files": np.array([str(p) for p in images])}
+        return inputs.preprocess(raw), logits, labels, {"files": np.array([str(p) for p in images])}
     test_images, test_labels = load_dataset(
-        model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+        dataset, "test", data_dir=data_dir, source=data_source, progress=False
     )
-    logits_all = np.asarray(predict(model, params, jnp.asarray(test_images)))
+    logits_all = np.asarray(predict(model, params, jnp.asarray(test_images), dataset))
     if indices is None:
         idx = pick_examples(logits_all.argmax(1), test_labels, n, mix_wrong=(method == "all"))
     else:
@@ -312,16 +319,16 @@ def _chosen_inputs(model, params, method, n, indices, images, data_dir, data_sou
             )
     labels = test_labels[idx]
     saved = {"indices": idx, "labels": labels}
-    return model.preprocess(test_images[idx]), logits_all[idx], labels, saved
+    return inputs.preprocess(test_images[idx]), logits_all[idx], labels, saved
 
 
-def _feature_map_figure(model, params, x, target, layer, view: _View, lrp_options):
+def _feature_map_figure(model, params, dataset, x, target, layer, view: _View, lrp_options):
     """The relevance of ``layer``'s feature maps for the first image, ranked, with the rules and
     options (``lrp_options``, as passed to ``explain.lrp``) of the heatmaps beside it."""
     from lenet_jax import plot
 
     one_image = {k: v for k, v in lrp_options.items() if k != "batch_size"}
-    rule_options = with_dataset_options("lrp", model, one_image)
+    rule_options = with_dataset_options("lrp", model, dataset, one_image)
     rels = jax.jit(
         lambda p, v: explain.lrp_layerwise(
             models.explained(model, p), v, target=target, **rule_options

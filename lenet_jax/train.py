@@ -247,7 +247,8 @@ class Step:
 
     Attributes:
       label_smoothing: smoothing of the one-hot targets.
-      preprocess: uint8 images -> model inputs (``model.preprocess``); default MNIST for LeNet-5.
+      preprocess: uint8 images -> model inputs (``models.ModelInput.preprocess``); default MNIST
+        for LeNet-5.
       augment: see ``train_step``.
       mesh: a ``lenet_jax.parallel.data_mesh``: the batch is split over its devices (data
         parallelism; pass the state and data replicated on it); ``None`` for one device.

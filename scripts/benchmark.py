@@ -35,7 +35,7 @@ from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
 from lenet_jax.explain.common import chunked_map  # noqa: E402
 from lenet_jax.io import writable_folder, write_report  # noqa: E402
-from lenet_jax.models import LeNet5, explained, init_params  # noqa: E402
+from lenet_jax.models import LeNet5, explained, init_params, model_input  # noqa: E402
 from lenet_jax.predict import predict  # noqa: E402
 from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
 from lenet_jax.train import (  # noqa: E402
@@ -585,7 +585,7 @@ def bench_transformer(images, repeats, peers, batch_size=500):
     model = ViT()
     params = init_params(model, jax.random.key(0))
     f = explained(model, params)
-    x = model.preprocess(jnp.asarray(images))
+    x = model_input(model, "mnist").preprocess(jnp.asarray(images))
     n = x.shape[0]
 
     def lrp_of(p, v):
@@ -605,7 +605,7 @@ def bench_transformer(images, repeats, peers, batch_size=500):
     from twins import lxt_relevance, transformer_twin
 
     twin = transformer_twin("vit", params, "attn_lrp", model.num_heads, dtype="float32")
-    target = np.asarray(predict(model, params, x).argmax(1))
+    target = np.asarray(jnp.argmax(f(x), axis=1))
 
     def lxt():
         return [

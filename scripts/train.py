@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lenet_jax import cli  # noqa: E402
 from lenet_jax.data import DATASETS  # noqa: E402
 from lenet_jax.models import MODELS  # noqa: E402
-from lenet_jax.recipes import PRESETS, recipe  # noqa: E402
+from lenet_jax.recipes import PRESETS, default_dataset, recipe  # noqa: E402
 from lenet_jax.train import TrainConfig  # noqa: E402
 
 # TrainConfig fields without a flag
@@ -118,8 +118,6 @@ def main(argv=None) -> int:
         overrides = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
         config = dataclasses.replace(recipe(name, args.preset), **overrides)
         model_args = {"name": name}
-        if args.dataset:
-            model_args["dataset"] = args.dataset
         for option in ("activation", "pool"):
             if getattr(args, option) is not None:
                 if not name.startswith("lenet5"):
@@ -128,11 +126,15 @@ def main(argv=None) -> int:
         given = len(model_args) > 1 or args.model is not None
         # --resume without model flags continues whatever model the run holds
         model = build_model(model_args) if given or not args.resume else None
+        # the dataset belongs to the run: --dataset, else the model's usual one (a run's own when
+        # resuming)
+        dataset = args.dataset or (None if args.resume else default_dataset(name))
         run_dir = run_dir or new_run_dir()  # after every check: no empty folder left behind
         train_and_evaluate(
             model,
             config,
             run_dir,
+            dataset=dataset,
             resume=args.resume,
             overwrite=args.overwrite,
             data_dir=args.data_dir,

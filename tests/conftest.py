@@ -43,9 +43,9 @@ def mnist():
         pytest.skip(f"no MNIST source answered: {e}")
 
 
-def random_params(model, seed=0, bias_scale=0.1, dtype=jnp.float64):
-    """Init params with random (non-zero) biases, cast to ``dtype``."""
-    params = init_params(model, jax.random.key(seed))
+def random_params(model, seed=0, bias_scale=0.1, dtype=jnp.float64, dataset="mnist"):
+    """Init params (for ``dataset``'s images) with random (non-zero) biases, cast to ``dtype``."""
+    params = init_params(model, jax.random.key(seed), dataset)
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
     out = []

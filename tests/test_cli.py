@@ -18,7 +18,7 @@ from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
 from lenet_jax.evaluation_report import evaluate_run
 from lenet_jax.image_files import read_images
-from lenet_jax.models import ViT, dataset_options, explained
+from lenet_jax.models import ViT, dataset_options, explained, model_input
 from lenet_jax.report import explain_run, output_name, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +167,9 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
     np.testing.assert_array_equal(saved["indices"], [5, 3])
     np.testing.assert_array_equal(saved["labels"], labels[[5, 3]])
     np.testing.assert_array_equal(saved["target"], [2, 2])
-    direct = explain.lrp(explained(model, params), model.preprocess(images[[5, 3]]), 2)
+    direct = explain.lrp(
+        explained(model, params), model_input(model, "mnist").preprocess(images[[5, 3]]), 2
+    )
     np.testing.assert_allclose(
         saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
     )
@@ -181,7 +183,7 @@ def test_explain_chosen_images_for_a_chosen_class(tiny_run, tmp_path):
     written = explain_run(tiny_run, "saliency", images=files, out=tmp_path / "files.png")
     saved = np.load(written["npz"])
     assert list(saved["files"]) == [str(f) for f in files] and "labels" not in saved
-    x = model.preprocess(read_images(files))
+    x = model_input(model, "mnist").preprocess(read_images(files))
     np.testing.assert_array_equal(saved["pred"], np.argmax(model.apply({"params": params}, x), -1))
     np.testing.assert_allclose(
         saved["attribution"],
@@ -195,16 +197,21 @@ def test_dataset_options_fill_only_what_a_method_takes_and_leaves_unset():
     from lenet_jax.models import LeNet5
 
     model = LeNet5()
-    data = dataset_options(model)
-    assert with_dataset_options("lrp", model, {"low": -1.0, "composite": "epsilon"}) == {
+    data = dataset_options("mnist")
+    assert with_dataset_options("lrp", model, "mnist", {"low": -1.0, "composite": "epsilon"}) == {
         "low": -1.0,
         "high": data["high"],
         "composite": "epsilon",
     }
-    assert with_dataset_options("integrated_gradients", model, {}) == {"baseline": data["baseline"]}
-    assert with_dataset_options("saliency", model, {"absolute": False}) == {"absolute": False}
-    assert with_dataset_options("lrp", model, {})["composite"] == "epsilon_plus_flat"
-    assert with_dataset_options("lrp", ViT(), {})["composite"] == "attn_lrp"
+    expected = {"baseline": data["baseline"]}
+    assert with_dataset_options("integrated_gradients", model, "mnist", {}) == expected
+    fashion = with_dataset_options("integrated_gradients", model, "fashion_mnist", {})
+    assert fashion == {"baseline": dataset_options("fashion_mnist")["baseline"]} != expected
+    assert with_dataset_options("saliency", model, "mnist", {"absolute": False}) == {
+        "absolute": False
+    }
+    assert with_dataset_options("lrp", model, "mnist", {})["composite"] == "epsilon_plus_flat"
+    assert with_dataset_options("lrp", ViT(), "mnist", {})["composite"] == "attn_lrp"
 
 
 @pytest.mark.slow
@@ -214,7 +221,7 @@ def test_explain_a_vit_run_uses_attn_lrp_by_default(tiny_vit_run, tmp_path):
     npz = tiny_vit_run / "explain_lrp_attn_lrp_first3.npz"
     assert f"wrote {npz}" in r.stdout
     model, params, _ = load_params(tiny_vit_run)
-    x = model.preprocess(load_mnist("test")[0][:3])
+    x = model_input(model, "mnist").preprocess(load_mnist("test")[0][:3])
     expected = explain.lrp(explained(model, params), x, composite="attn_lrp").sum(-1)
     np.testing.assert_allclose(np.load(npz)["attribution"], expected, rtol=1e-4, atol=1e-6)
 
@@ -259,10 +266,10 @@ def test_explain_options_reach_the_method(tiny_run, tmp_path):
     saved = np.load(written["npz"])
     model, params, _ = load_params(tiny_run)
     images, _ = load_mnist("test", progress=False)
-    black = dataset_options(model)["baseline"]
+    black = dataset_options("mnist")["baseline"]
     direct = explain.occlusion(
         explained(model, params),
-        model.preprocess(images[saved["indices"]]),
+        model_input(model, "mnist").preprocess(images[saved["indices"]]),
         window=8,
         stride=8,
         baseline=black,
@@ -271,7 +278,9 @@ def test_explain_options_reach_the_method(tiny_run, tmp_path):
         saved["attribution"], np.asarray(direct).sum(-1), rtol=1e-5, atol=1e-6
     )
     default = explain.occlusion(
-        explained(model, params), model.preprocess(images[saved["indices"]]), baseline=black
+        explained(model, params),
+        model_input(model, "mnist").preprocess(images[saved["indices"]]),
+        baseline=black,
     )
     assert not np.allclose(saved["attribution"], np.asarray(default).sum(-1), atol=1e-3)
 
@@ -394,7 +403,7 @@ def test_explain_lrp_feature_maps_use_the_same_rule_options(tiny_run, tmp_path, 
         tiny_run, "lrp", indices=[4], layer="conv2", options=options, out=tmp_path / "l.png"
     )
     model, params, _ = load_params(tiny_run)
-    x = model.preprocess(load_mnist("test", progress=False)[0][[4]])
+    x = model_input(model, "mnist").preprocess(load_mnist("test", progress=False)[0][[4]])
     rels = explain.lrp_layerwise(explained(model, params), x, epsilon=5.0)
     np.testing.assert_allclose(drawn[0], np.asarray(rels["conv2"][0]), rtol=1e-5, atol=1e-7)
     default = explain.lrp_layerwise(explained(model, params), x)["conv2"][0]

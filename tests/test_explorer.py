@@ -77,7 +77,7 @@ def test_heatmaps_equal_the_library(client, explorer, target):
     image = digit(explorer, 11)
     answer = post(client, image=image.tolist(), methods=list(explain.METHODS), target=target).json()
     model, params = explorer.model, explorer.params
-    x = model.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
+    x = explorer.inputs.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
     expected_target = answer["predicted"] if target is None else target
     assert answer["target"] == expected_target
     assert set(answer["heatmaps"]) == set(explain.METHODS)
@@ -103,7 +103,7 @@ def test_a_composite_and_a_png_upload(client, explorer):
     image = digit(explorer, 5)
     answer = post(client, image=image.tolist(), methods=["lrp"], composite="epsilon_gamma_box")
     heat = answer.json()["heatmaps"]["lrp"]
-    x = explorer.model.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
+    x = explorer.inputs.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
     want = explain_method("lrp", explorer.model, explorer.params, x, composite="epsilon_gamma_box")[
         0
     ]
@@ -380,7 +380,7 @@ def test_the_explorer_serves_a_vit_with_attn_lrp(tiny_vit_run):
     answer = post(client, image=image.tolist(), methods=["lrp"], target=2).json()
     assert answer["lrp"]["composite"] == "attn_lrp"
     assert np.shape(answer["lrp"]["feature_maps"]) == (64,)
-    x = explorer.model.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
+    x = explorer.inputs.preprocess(jnp.asarray(image * 255, jnp.float32)[None])
     f = models.explained(explorer.model, explorer.params)
     expected = explain.lrp(f, x, 2, composite="attn_lrp")[0, ..., 0]
     np.testing.assert_allclose(answer["heatmaps"]["lrp"], expected, rtol=1e-4, atol=1e-6)

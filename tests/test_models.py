@@ -17,7 +17,9 @@ from lenet_jax.models import (
     describe,
     init_params,
     model_config,
+    model_input,
 )
+from lenet_jax.recipes import default_dataset
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -163,19 +165,14 @@ def test_a_strided_conv_goes_to_lax():
 def test_model_config_round_trips_and_bad_options_are_rejected():
     model = LeNet5(activation="relu")
     config = model_config(model)
-    assert config == {
-        "name": "lenet5",
-        "dataset": "mnist",
-        "activation": "relu",
-        "pool": "avg",
-        "num_classes": 10,
-    }
+    # a model is only a model: the dataset belongs to the run
+    assert config == {"name": "lenet5", "activation": "relu", "pool": "avg", "num_classes": 10}
     assert build_model(config) == model
-    assert describe(config) == (
-        "lenet5(activation='relu', dataset='mnist', num_classes=10, pool='avg')"
-    )
+    assert describe(config) == "lenet5(activation='relu', num_classes=10, pool='avg')"
+    # checkpoints written before the dataset moved to the run name it in the model's config
+    assert build_model({**config, "dataset": "mnist"}) == model
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-        LeNet5(dataset="svhn")
+        model_input(model, "svhn")
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model({"name": "vgg"})
     with pytest.raises(ValueError, match="unknown pool"):
@@ -200,9 +197,9 @@ def test_model_config_round_trips_and_bad_options_are_rejected():
 def test_every_model_has_its_pinned_size_and_its_cpu_form_equals_it(
     name, dataset, count, input_shape
 ):
-    model = build_model({"name": name, "dataset": dataset})
-    assert model.input_shape == input_shape
-    params = init_params(model, jax.random.key(0))
+    model = build_model({"name": name})
+    assert model_input(model, dataset).shape == input_shape
+    params = init_params(model, jax.random.key(0), dataset)
     assert count_params(params) == count
     x = jax.random.normal(jax.random.key(1), (3, *input_shape))
     f = functools.partial(model.apply, {"params": params})
@@ -216,13 +213,13 @@ def test_every_model_has_its_pinned_size_and_its_cpu_form_equals_it(
 def test_the_registry_defaults():
     assert sorted(MODELS) == ["cnn", "lenet5", "lenet5_relu", "minivgg", "vit"]
     relu = build_model({"name": "lenet5_relu"})
-    assert (relu.activation, relu.pool, relu.dataset) == ("relu", "max", "mnist")
-    assert build_model({"name": "minivgg"}).dataset == "cifar10"
+    assert (relu.activation, relu.pool) == ("relu", "max")
+    assert (default_dataset("minivgg"), default_dataset("lenet5")) == ("cifar10", "mnist")
 
 
 def test_minivgg_dropout_needs_a_key_in_training_and_is_off_in_evaluation():
     model = build_model({"name": "minivgg"})
-    params = init_params(model, jax.random.key(0))
+    params = init_params(model, jax.random.key(0), "cifar10")
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     evaluation = model.apply({"params": params}, x)
     np.testing.assert_array_equal(evaluation, model.apply({"params": params}, x, train=False))

@@ -37,7 +37,9 @@ def cifar_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(data.DATASETS, "cifar10", fake)
         config = dataclasses.replace(recipe("minivgg"), epochs=1, batch_size=16)
-        metrics = train_and_evaluate(MiniVGG(), config, root / "run", data_dir=root, progress=False)
+        metrics = train_and_evaluate(
+            MiniVGG(), config, root / "run", dataset="cifar10", data_dir=root, progress=False
+        )
         yield root, metrics
 
 
@@ -48,7 +50,8 @@ def test_minivgg_trains_on_mock_cifar10_and_records_its_dataset(cifar_run):
     assert metrics["test"]["count"] == 12 and np.isfinite(metrics["history"][0]["train"]["loss"])
     assert metrics["config"]["optimizer"] == "adam" and metrics["config"]["lr"] == 4e-4
     model, params, meta = load_params(root / "run")
-    assert model == MiniVGG(dataset="cifar10") and meta["step"] == 3  # 40 images, batches of 16
+    assert model == MiniVGG() and meta["step"] == 3  # 40 images, batches of 16
+    assert meta["dataset"] == "cifar10"  # the run records its dataset, the model does not
     saved = json.loads((root / "run" / "metrics.json").read_text())
     assert saved["normalization"]["mean"] == [0.4914, 0.4822, 0.4465]
     for png in ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "samples.png"):
@@ -89,7 +92,7 @@ def test_the_evaluation_runs_on_the_color_run(cifar_run, tmp_path):
 
 def test_cams_of_minivgg_default_to_its_last_conv_layer():
     model = MiniVGG()
-    params = random_params(model, seed=5, bias_scale=0.01, dtype=jnp.float32)
+    params = random_params(model, seed=5, bias_scale=0.01, dtype=jnp.float32, dataset="cifar10")
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     acts, _ = explain.layer_activations(explained(model, params), x)
     assert acts.shape == (2, 16, 16, 128)  # conv4's output
@@ -103,9 +106,9 @@ def test_cams_of_minivgg_default_to_its_last_conv_layer():
 
 def test_integrated_gradients_on_color_inputs_take_a_per_channel_black():
     model = MiniVGG()
-    params = random_params(model, seed=6, bias_scale=0.01)
+    params = random_params(model, seed=6, bias_scale=0.01, dataset="cifar10")
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
-    per_channel = dataset_options(model)["baseline"]
+    per_channel = dataset_options("cifar10")["baseline"]
     assert per_channel.shape == (3,)
     attr, gap = explain.integrated_gradients(
         explained(model, params), x, 3, n_steps=8, return_gap=True, baseline=per_channel

@@ -218,6 +218,24 @@ def test_an_edited_checkpoint_json_is_refused_in_one_line(copied_run):
     assert not list(copied_run.glob("explain_*"))
 
 
+def test_a_run_resumes_only_on_its_own_dataset_and_old_checkpoints_still_load(copied_run):
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train_and_evaluate(
+            None, TrainConfig(), copied_run, dataset="fashion_mnist", resume=True, progress=False
+        )
+    assert str(info.value) == (
+        f"{copied_run} is a run on 'mnist'; it cannot resume on 'fashion_mnist'"
+    )
+
+    def written_before(meta):  # the dataset in the model's config, none beside it
+        meta["model"]["dataset"] = meta.pop("dataset")
+        del meta["checksum"]
+
+    _edit(copied_run, written_before)
+    model, _, meta = checkpoint.load_params(copied_run)
+    assert model == LeNet5() and meta["dataset"] == "mnist"
+
+
 def test_a_json_naming_another_model_is_refused_even_without_a_checksum(copied_run):
     def other_model(meta):
         meta["model"]["activation"] = "relu"  # same shapes: only the checksum can tell
@@ -233,7 +251,7 @@ def test_a_json_naming_another_model_is_refused_even_without_a_checksum(copied_r
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load_params(copied_run)
     assert str(info.value) == (
-        f"{copied_run}: the weights do not fit cnn(dataset='mnist', num_classes=10) named in the "
+        f"{copied_run}: the weights do not fit cnn(num_classes=10) named in the "
         "checkpoint's JSON; it was edited or comes from another run"
     )
 

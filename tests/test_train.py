@@ -271,8 +271,8 @@ def test_train_cli_refuses_a_checkpoint_of_another_architecture(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        "train.py: error: checkpoint holds lenet5(activation='tanh', dataset='mnist', "
-        "num_classes=10, pool='avg') but lenet5(activation='relu', dataset='mnist', "
+        "train.py: error: checkpoint holds lenet5(activation='tanh', "
+        "num_classes=10, pool='avg') but lenet5(activation='relu', "
         "num_classes=10, pool='avg') was requested"
     )
 

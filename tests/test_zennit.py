@@ -37,7 +37,8 @@ def zennit_composite(name, x_nchw):
 
 
 def our_lrp(model, params, x, target, composite):
-    bounds = {k: v for k, v in dataset_options(model).items() if k in ("low", "high")}
+    dataset = "cifar10" if isinstance(model, MiniVGG) else "mnist"
+    bounds = {k: v for k, v in dataset_options(dataset).items() if k in ("low", "high")}
     return np.asarray(lrp(explained(model, params), x, target, composite=composite, **bounds))
 
 
@@ -91,7 +92,7 @@ def color_bounds(x_nchw):
 def test_lrp_on_minivgg_equals_zennit(composite):
     """MiniVGG: SAME-padded convs, max pooling, dropout, three channels."""
     model = MiniVGG()
-    params = random_params(model, seed=3, bias_scale=0.01)
+    params = random_params(model, seed=3, bias_scale=0.01, dataset="cifar10")
     pixels = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3))
     cifar = DATASETS["cifar10"]
     x = jnp.asarray((pixels - np.array(cifar.mean)) / np.array(cifar.std))

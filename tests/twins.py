@@ -62,7 +62,7 @@ def torch_twin(model, params, dtype="float64"):
     if isinstance(model, models.LeNet5):
         act = nn.Tanh if model.activation == "tanh" else nn.ReLU
         pool = nn.AvgPool2d if model.pool == "avg" else nn.MaxPool2d
-        side = ((model.image_size - 4) // 2 - 4) // 2
+        side = (((model.input_size or 28) - 4) // 2 - 4) // 2
         layers = [
             ("conv1", conv("conv1")), ("act1", act()), ("pool1", pool(2)),
             ("conv2", conv("conv2")), ("act2", act()), ("pool2", pool(2)),
@@ -72,7 +72,7 @@ def torch_twin(model, params, dtype="float64"):
             ("fc3", dense("fc3")),
         ]  # fmt: skip
     elif isinstance(model, models.CNN):
-        side = ((model.image_size - 2) // 2 - 2) // 2
+        side = (((model.input_size or 28) - 2) // 2 - 2) // 2
         layers = [
             ("conv1", conv("conv1")), ("act1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
             ("conv2", conv("conv2")), ("act2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
@@ -81,7 +81,7 @@ def torch_twin(model, params, dtype="float64"):
             ("fc2", dense("fc2")),
         ]  # fmt: skip
     elif isinstance(model, models.MiniVGG):
-        side = model.image_size // 4
+        side = (model.input_size or 28) // 4
         layers = [
             ("conv1", conv("conv1", "same")), ("act1", nn.ReLU()),
             ("conv2", conv("conv2", "same")), ("act2", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),

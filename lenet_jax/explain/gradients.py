@@ -182,8 +182,8 @@ def integrated_gradients(
 
     Args:
       baseline: scalar or array broadcastable to ``x``; default 0, as captum's. For normalized
-        images the black image is usually meant: ``lenet_jax.models.dataset_options(model)`` gives
-        it for the package's models (``-MEAN/STD`` for MNIST).
+        images the black image is usually meant (``-mean/std``; for the package's datasets
+        ``lenet_jax.data.normalized_range(name)[0]``).
       n_steps: points of the quadrature.
       method: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``, ``"riemann_trapezoid"``
         or ``"gausslegendre"`` — the point sets of captum's ``IntegratedGradients``. The weights

@@ -46,7 +46,8 @@ class Explorer:
     def __init__(self, run_dir, *, epoch=None, data_dir=None, data_source=None, log=print):
         self.run_dir = Path(run_dir)
         self.model, self.params, self.meta = checkpoint.load_params(run_dir, epoch)
-        self.dataset = get_dataset(self.model.dataset)
+        self.dataset = get_dataset(self.meta["dataset"])
+        self.inputs = models.model_input(self.model, self.dataset.name)
         if self.dataset.image_shape != (28, 28, 1):
             raise ValueError(
                 f"the explorer draws gray 28x28 digits; this run's {self.model.name} takes "
@@ -65,7 +66,7 @@ class Explorer:
 
     def _feature_layer(self) -> str | None:
         """The last convolution with a spatial extent: its feature maps' relevance is shown."""
-        x = jnp.zeros((1, *self.model.input_shape), jnp.float32)
+        x = jnp.zeros((1, *self.inputs.shape), jnp.float32)
         rels = jax.eval_shape(
             lambda v: explain.lrp_layerwise(self._f(self.params), v, **self._lrp_options()), x
         )
@@ -79,12 +80,12 @@ class Explorer:
 
     def _lrp_options(self, **options) -> dict:
         """LRP's options with the model's dataset bounds (zᴮ), as the command lines use them."""
-        return with_dataset_options("lrp", self.model, options)
+        return with_dataset_options("lrp", self.model, self.dataset.name, options)
 
     def _compile(self) -> None:
         """Traces every function for one image and a traced target, then compiles them all, in
         parallel threads (XLA's compiler releases the GIL)."""
-        x = jax.ShapeDtypeStruct((1, *self.model.input_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *self.inputs.shape), jnp.float32)
         t = jax.ShapeDtypeStruct((1,), jnp.int32)
         lowered = {("probabilities", None): self._jit(self._probabilities_of).lower(self.params, x)}
         for name in explain.METHODS:
@@ -110,7 +111,7 @@ class Explorer:
         return jax.nn.softmax(self._f(params)(x))[0]
 
     def _map_of(self, name: str):
-        fn = attribution_fn(name, self.model, **OPTIONS.get(name, {}))
+        fn = attribution_fn(name, self.model, self.dataset.name, **OPTIONS.get(name, {}))
 
         def heatmap(params, x, target):
             out = fn(params, x, target)[0]
@@ -138,11 +139,11 @@ class Explorer:
 
         try:
             images, labels = load_dataset(
-                self.model.dataset, "test", data_dir=data_dir, source=data_source, progress=False
+                self.dataset.name, "test", data_dir=data_dir, source=data_source, progress=False
             )
         except DataError:
             return np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.int32), np.zeros((0,), int)
-        pred = predict(self.model, self.params, jnp.asarray(images)).argmax(1)
+        pred = predict(self.model, self.params, jnp.asarray(images), self.dataset.name).argmax(1)
         return images, labels, np.flatnonzero(pred != labels)
 
     # ------------------------------------------------------------------ requests
@@ -156,7 +157,7 @@ class Explorer:
             "dataset_title": self.dataset.title,
             "classes": list(self.dataset.classes),
             "image_size": 28,
-            "input_size": int(self.model.image_size),
+            "input_size": int(self.inputs.size),
             "methods": list(explain.METHODS),
             "default_methods": list(DEFAULT_METHODS),
             "signed": dict(explain.SIGNED),
@@ -199,7 +200,7 @@ class Explorer:
             raise RequestError(
                 f"unknown composite {composite!r}; choose one of {list(explain.COMPOSITES)}"
             )
-        x = self.model.preprocess(jnp.asarray(image * 255.0, jnp.float32)[None])
+        x = self.inputs.preprocess(jnp.asarray(image * 255.0, jnp.float32)[None])
         probs = np.asarray(self._probabilities(self.params, x))
         predicted = int(probs.argmax())
         target = self._target_of(request.get("target"), predicted)
@@ -241,7 +242,7 @@ class Explorer:
             except binascii.Error as e:
                 raise RequestError(f'"png" is not base64: {e}') from None
             try:  # a PNG, a JPEG or any picture Pillow reads, its size checked first
-                return decode_image(raw, self.model.dataset) / 255.0
+                return decode_image(raw, self.dataset.name) / 255.0
             except ValueError as e:
                 raise RequestError(str(e).splitlines()[0]) from None
         image = _numbers(request["image"])
