@@ -52,6 +52,7 @@ class _VmappedDense(nn.Module):
         dense = nn.Dense(4, name="fc1")
         with jax.named_scope("mine"):
             y = jnp.tanh(jax.vmap(lambda row: dense(row))(x))
+        y = jnp.einsum("bi,bj->bij", y, x).reshape(y.shape[0], -1)  # a product of two values
         return nn.Dense(3)(y)
 
 
@@ -59,10 +60,13 @@ def test_transforms_are_not_names_and_user_scopes_are():
     model = _VmappedDense()
     x = jnp.ones((2, 5))
     f = functools.partial(model.apply, model.init(jax.random.key(0), x))
-    # fc1 is called under vmap: still "fc1" (not "fc1/vmap()"); an unnamed module is Dense_0
+    # fc1 is called under vmap: still "fc1" (not "fc1/vmap()"); einsum's scope (its spec) is no
+    # name; an unnamed module is Dense_0
     assert lrp_nodes(f, x) == {
         "fc1": "dense",
         "mine/elementwise": "elementwise",
+        "product": "product",
+        "structural": "structural",
         "Dense_0": "dense",
     }
 

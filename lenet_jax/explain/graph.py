@@ -220,11 +220,12 @@ class _Builder:
     def scope(self, entries: tuple) -> tuple[str, ...]:
         """Full paths of the enclosing scopes, outermost first.
 
-        ``entries`` is a name stack as data: transforms (``vmap``, ``jvp``) are skipped; a module
-        mark sets the path to its module's; a scope flax opens for a module call (the entry just
-        before that call's mark) is skipped; any other scope extends the current path.
+        ``entries`` is a name stack as data: transforms (``vmap``, ``jvp``) are skipped, and so are
+        the scopes ``jnp.einsum`` opens (named by its spec, ``"bqd,bkd->bqk"``); a module mark sets
+        the path to its module's; a scope flax opens for a module call (the entry just before that
+        call's mark) is skipped; any other scope extends the current path.
         """
-        names = [e.name for e in entries if type(e).__name__ != "Transform"]
+        names = [e.name for e in entries if type(e).__name__ != "Transform" and "->" not in e.name]
         paths, current = [], ""
         for k, name in enumerate(names):
             if name.startswith(_MARK):
