@@ -317,7 +317,7 @@ def _verified(ds: Dataset, path: Path, name: str) -> bool:
 
 
 def _download(url: str, *, timeout: float = 20.0, progress: bool = True) -> bytes:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars on stderr, in a terminal and in a notebook alike
 
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0) or None

@@ -104,7 +104,7 @@ def evaluate_run(
       The results dict (also in ``evaluation.json``); ``n`` is the number of images evaluated (at
       most the test set's size).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars on stderr, in a terminal and in a notebook alike
 
     started = time.perf_counter()
     methods = list(explain.METHODS) if methods is None else methods

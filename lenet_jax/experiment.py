@@ -289,7 +289,7 @@ def _train_one_epoch(run: _Run, state, epoch: int, step: Step):
     Raises:
       TrainingDiverged: the epoch's training loss is not finite.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars on stderr, in a terminal and in a notebook alike
 
     config = run.config
     bar = tqdm(
