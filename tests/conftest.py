@@ -82,18 +82,31 @@ def x64_batch():
     return normalized_pixels(8)
 
 
+# the extra that installs each optional module the tests import (the peers' otherwise)
+EXTRAS = {
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "selenium": "serve",
+    "httpx2": "serve",
+    "tensorflow_datasets": "tfds",
+    "nbclient": "test",
+    "nbformat": "test",
+}
+
+
 def require(module: str):
-    """Imports a cross-check peer; skips without it, except in CI (``CI`` set), where it fails."""
+    """Imports an optional module; skips without it, except in CI (``CI`` set), where it fails."""
     import importlib
     import os
 
+    hint = f"pip install -e '.[{EXTRAS.get(module.split('.')[0], 'peers')}]'"
     try:
         return importlib.import_module(module)
     except ImportError as e:
         if os.environ.get("CI"):
-            pytest.fail(f"{module} is required in CI (pip install -e '.[peers]'): {e}")
+            pytest.fail(f"{module} is required in CI ({hint}): {e}")
         # also at a module's top level: the module is skipped, not a collection error
-        pytest.skip(f"{module} not installed (pip install -e '.[peers]')", allow_module_level=True)
+        pytest.skip(f"{module} not installed ({hint})", allow_module_level=True)
 
 
 def assert_close_nchw(ours, theirs_nchw, rel=1e-7):
