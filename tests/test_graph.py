@@ -93,6 +93,29 @@ def test_nnx_paths_leave_the_users_class_untouched():
     assert seen and all(call is _Mlp.__dict__["__call__"] for call in seen)
 
 
+def test_nnx_names_under_a_profiler_and_a_python_hook():
+    import cProfile
+    import sys
+
+    model = _Mlp(nnx.Rngs(0), [])
+    expected = {"inner": "dense", "elementwise": "elementwise", "out": "dense"}
+    with cProfile.Profile() as profiler:  # a C profiler: paused while tracing, enabled after
+        assert lrp_nodes(model, jnp.ones((2, 5))) == expected
+        assert sys.getprofile() is profiler
+    calls = []
+
+    def hook(frame, event, arg):
+        calls.append(event)
+
+    sys.setprofile(hook)
+    try:
+        assert lrp_nodes(model, jnp.ones((2, 5))) == expected
+        assert sys.getprofile() is hook  # restored
+    finally:
+        sys.setprofile(None)
+    assert "call" in calls  # the user's hook kept seeing calls while the model was traced
+
+
 def test_two_threads_explain_two_nnx_models_at_once():
     models = [_Mlp(nnx.Rngs(seed), []) for seed in (0, 1)]
     x = jax.random.normal(jax.random.key(2), (3, 5))

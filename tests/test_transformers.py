@@ -77,12 +77,12 @@ def test_jit_equals_eager_and_batches_equal_single_samples(name):
     f, params, x, _ = MODELS[name](seed=5)
     target = non_argmax_targets(f, x)
     eager = explain.lrp(f, x, target, composite="attn_lrp")
-    jitted = jax.jit(lambda x, t: explain.lrp(f, x, t, composite="attn_lrp"))(x, target)
+    jitted = jax.jit(lambda x, t: explain.lrp(f, x, t, composite="attn_lrp"))
     # nnx.MultiHeadAttention (jax.nn.dot_product_attention) computes its softmax in float32
     atol = (1e-6 if name == "nnx_vit" else 1e-12) * np.abs(eager).max()
-    np.testing.assert_allclose(jitted, eager, rtol=0, atol=atol)
-    for i in (0, x.shape[0] - 1):  # the first and the last sample on their own
-        single = explain.lrp(f, x[i : i + 1], target[i : i + 1], composite="attn_lrp")
+    np.testing.assert_allclose(jitted(x, target), eager, rtol=0, atol=atol)
+    for i in (0, x.shape[0] - 1):  # the first and the last sample on their own (jitted: one shape)
+        single = jitted(x[i : i + 1], target[i : i + 1])
         np.testing.assert_allclose(single[0], eager[i], rtol=0, atol=atol)
 
 

@@ -271,7 +271,7 @@ def _nnx_scopes(f, paths: dict[str, str]):
     attribute path (``"block1/conv_a"``).
 
     NNX has no method interceptors; a profile hook of the tracing thread (``sys.setprofile``, chained
-    to any hook already set) opens the scope when a module of ``f``'s graph enters ``__call__`` and
+    to a Python hook already set; ``cProfile`` pauses meanwhile) opens the scope when a module of ``f``'s graph enters ``__call__`` and
     closes it on return. The user's classes are not modified and other threads are unaffected.
     """
     from flax import nnx
@@ -287,7 +287,11 @@ def _nnx_scopes(f, paths: dict[str, str]):
             if code is not None:
                 codes.add(code)
     opened: dict[Any, Any] = {}
-    previous = sys.getprofile()
+    previous = sys.getprofile()  # restored on exit
+    # a hook written in Python is chained; a C profiler (``cProfile.Profile``) cannot be called from
+    # here: it pauses while the model is traced and is enabled again after
+    chained = previous if callable(previous) else None
+    resume = None if previous is None or chained is not None else getattr(previous, "enable", None)
 
     def hook(frame, event, arg):
         if event == "call" and frame.f_code in codes:
@@ -298,14 +302,16 @@ def _nnx_scopes(f, paths: dict[str, str]):
                 opened[frame] = scope
         elif event == "return" and frame in opened:
             opened.pop(frame).__exit__(None, None, None)
-        if previous is not None:
-            previous(frame, event, arg)
+        if chained is not None:
+            chained(frame, event, arg)
 
     sys.setprofile(hook)
     try:
         yield
     finally:
-        sys.setprofile(previous)
+        sys.setprofile(chained)
+        if resume is not None:
+            resume()
         for scope in reversed(list(opened.values())):
             scope.__exit__(None, None, None)
 
