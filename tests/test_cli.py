@@ -82,6 +82,7 @@ def test_explain_all_draws_every_method(tiny_run, tmp_path):
     assert (saved["pred"] != saved["labels"]).sum() >= 1  # the mix shows a misclassified digit
 
 
+@pytest.mark.slow  # runs a script: the command lines are the end-to-end tier
 def test_explain_without_a_run_says_to_train_first(tmp_path):
     r = run_script("explain.py", "--method", "lrp", cwd=tmp_path)
     assert r.returncode == 1

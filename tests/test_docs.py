@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +19,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import performance_doc  # noqa: E402
 
 
+@pytest.mark.slow  # builds the whole API reference in a subprocess
 def test_api_reference_builds_from_the_docstrings_without_the_extras(tmp_path):
     # the README's pdoc command, with the optional extras made unimportable (a base install)
     code = textwrap.dedent(

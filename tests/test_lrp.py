@@ -352,16 +352,16 @@ class TestJitAndBatching(chex.TestCase):
     def test_jit_equals_eager_and_batch_equals_per_sample(self):
         model = LeNet5()
         params = random_params(model, seed=5)
-        x = jax.random.normal(jax.random.key(0), (3, 32, 32, 1), jnp.float64)
+        x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1), jnp.float64)
         f = self.variant(
             lambda p, x, t: lrp(
                 functools.partial(model.apply, {"params": p}), x, t,
                 composite="epsilon_gamma_box", **BOUNDS,
             )
         )  # fmt: skip
-        target = jnp.array([0, 3, 9])
+        target = jnp.array([3, 9])
         batched = f(params, x, target)
-        single = jnp.concatenate([f(params, x[i : i + 1], target[i : i + 1]) for i in range(3)])
+        single = jnp.concatenate([f(params, x[i : i + 1], target[i : i + 1]) for i in range(2)])
         np.testing.assert_allclose(batched, single, rtol=1e-10, atol=1e-14)
         vmapped = jax.vmap(lambda xi, ti: f(params, xi[None], ti[None])[0])(x, target)
         np.testing.assert_allclose(vmapped, batched, rtol=1e-10, atol=1e-14)

@@ -63,6 +63,7 @@ def no_data(*args, **kwargs):
 # ----------------------------------------------------------------------------- 1. one writer
 
 
+@pytest.mark.slow  # runs a script: the command lines are the end-to-end tier
 def test_a_second_writer_gets_one_line_naming_the_holder_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     with io.locked_folder(run):
@@ -109,6 +110,7 @@ def test_the_lock_of_a_killed_process_does_not_block_the_next_run(tmp_path, mnis
 # ----------------------------------------------------------------------------- 2. output checked
 
 
+@pytest.mark.slow  # runs a script: the command lines are the end-to-end tier
 def test_an_out_that_is_a_file_or_unwritable_is_refused_before_any_work(tmp_path, monkeypatch):
     taken = tmp_path / "taken"
     taken.write_text("x")

@@ -233,6 +233,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, mnist):
     chex.assert_trees_all_equal(full, again)  # bit for bit
 
 
+@pytest.mark.slow  # runs a script: the command lines are the end-to-end tier
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -252,6 +253,7 @@ def test_train_cli_rejects_bad_flags_in_one_line(args, message, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # runs a script: the command lines are the end-to-end tier
 def test_train_cli_refuses_a_checkpoint_of_another_architecture(tmp_path):
     checkpoint.save_checkpoint(
         tmp_path, fresh_state(), {"epoch": 1, "model": model_config(LeNet5())}
@@ -290,6 +292,7 @@ def test_affine_rotates_and_shifts_exactly_on_the_pixel_grid():
     np.testing.assert_array_equal(color[0, 0, 0], [0.0, 1.0, 2.0])  # per-channel fill
 
 
+@pytest.mark.slow  # compiles two training steps (with and without augmentation)
 def test_augmentation_is_drawn_from_the_state_key_and_step():
     model = LeNet5()
     config = TrainConfig(augment_shift=2.0, augment_rotate=10.0)

@@ -76,14 +76,16 @@ def test_equals_lxt_on_a_torch_twin(name, variant):
 def test_jit_equals_eager_and_batches_equal_single_samples(name):
     f, params, x, _ = MODELS[name](seed=5)
     target = non_argmax_targets(f, x)
-    eager = explain.lrp(f, x, target, composite="attn_lrp")
     jitted = jax.jit(lambda x, t: explain.lrp(f, x, t, composite="attn_lrp"))
+    batch = jitted(x, target)
     # nnx.MultiHeadAttention (jax.nn.dot_product_attention) computes its softmax in float32
-    atol = (1e-6 if name == "nnx_vit" else 1e-12) * np.abs(eager).max()
-    np.testing.assert_allclose(jitted(x, target), eager, rtol=0, atol=atol)
+    atol = (1e-6 if name == "nnx_vit" else 1e-12) * np.abs(batch).max()
+    if name == "linen_vit":  # eager (op by op, each op compiled on its own: slow) once
+        eager = explain.lrp(f, x, target, composite="attn_lrp")
+        np.testing.assert_allclose(batch, eager, rtol=0, atol=atol)
     for i in (0, x.shape[0] - 1):  # the first and the last sample on their own (jitted: one shape)
         single = jitted(x[i : i + 1], target[i : i + 1])
-        np.testing.assert_allclose(single[0], eager[i], rtol=0, atol=atol)
+        np.testing.assert_allclose(single[0], batch[i], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("variant", ["attn_lrp", "cp_lrp"])

@@ -381,12 +381,17 @@ def test_gradient_methods_on_an_nnx_model_equal_captum(nnx_peer, monkeypatch):
     captum_attr = require("captum.attr")
     f, twin, x, target = nnx_peer
     xt, tt = torch.tensor(to_nchw(x)), torch.tensor(np.asarray(target))
-    close(explain.saliency(f, x, target), captum_attr.Saliency(twin).attribute(xt, target=tt))
+    # jitted: one compile per method (eager, an NNX model compiles op by op)
+    saliency = jax.jit(lambda v: explain.saliency(f, v, target))
+    close(saliency(x), captum_attr.Saliency(twin).attribute(xt, target=tt))
     close(
-        explain.gradient_x_input(f, x, target),
+        jax.jit(lambda v: explain.gradient_x_input(f, v, target))(x),
         captum_attr.InputXGradient(twin).attribute(xt, target=tt),
     )
-    ours = explain.integrated_gradients(f, x, target, n_steps=16, method="gausslegendre")
+    ig = jax.jit(
+        lambda v: explain.integrated_gradients(f, v, target, n_steps=16, method="gausslegendre")
+    )
+    ours = ig(x)
     theirs = captum_attr.IntegratedGradients(twin).attribute(
         xt, target=tt, n_steps=16, method="gausslegendre"
     )  # both default to a zero baseline
@@ -399,7 +404,7 @@ def test_gradient_methods_on_an_nnx_model_equal_captum(nnx_peer, monkeypatch):
     theirs = tunnel(captum_attr.Saliency(twin)).attribute(
         xt, nt_type="smoothgrad", nt_samples=4, stdevs=1.0, target=tt, abs=False
     )
-    close(explain.smoothgrad(f, x, target, **kw), theirs)
+    close(jax.jit(lambda v: explain.smoothgrad(f, v, target, **kw))(x), theirs)
 
 
 def test_cams_on_an_nnx_model_equal_pytorch_grad_cam(nnx_peer, monkeypatch):
