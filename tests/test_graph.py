@@ -149,6 +149,29 @@ def test_gradient_through_the_interpreter_keeps_custom_derivatives():
     assert float(inner[0, 0, 0, 0]) == 0.0
 
 
+def test_the_outermost_custom_derivative_wins():
+    @jax.custom_jvp
+    def inner(x):
+        return jnp.maximum(x, 0.0)
+
+    inner.defjvp(lambda p, t: (inner(p[0]), 2.0 * t[0]))
+
+    @jax.custom_jvp
+    def outer(x):
+        return inner(2.0 * x)  # the inner call ends with the outer one
+
+    outer.defjvp(lambda p, t: (outer(p[0]), 3.0 * t[0]))
+
+    def f(x):
+        return outer(x) * 1.0
+
+    x = jnp.array([[1.0, -1.0]])
+    graph = trace(f, x)
+    inner_grad = jax.grad(lambda v: evaluate(graph, v)[graph.output].sum())(x)
+    np.testing.assert_array_equal(inner_grad, jax.grad(lambda v: f(v).sum())(x))
+    np.testing.assert_array_equal(inner_grad, [[3.0, 3.0]])
+
+
 class _ReluTies(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -147,8 +147,10 @@ def trace(f: Callable, x) -> Graph:
     out = builder.ref(closed.jaxpr.outvars[0])
     if isinstance(out, Lit) or out in consts:
         raise ValueError("the model's output does not depend on its input")
+    # a nested call ends before (or with) the call around it, so it is listed first: evaluated in
+    # this order, the outermost call's results, and derivative rule, are the ones that stay
     calls: dict[int, list[Call]] = {}
-    for end, call in sorted(builder.calls, key=lambda c: (c[0], -len(c[1].inner))):
+    for end, call in builder.calls:
         calls.setdefault(end, []).append(call)
     calls = {end: tuple(c) for end, c in calls.items()}
     return Graph(tuple(builder.ops), x_id, out, consts, builder.shapes, calls)
