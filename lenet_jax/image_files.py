@@ -1,8 +1,8 @@
 """Your own pictures as dataset images: read an image file the way the dataset's images were made.
 
 ``read_image("my_seven.png")`` gives a uint8 image in the dataset's stored layout, ready for
-``models.ModelInput.preprocess``: gray datasets get one channel, light strokes on a dark background (a picture
-with a bright border, i.e. dark ink on paper, is inverted), and MNIST's own normalization — the
+``models.ModelInput.preprocess``: gray datasets get one channel, light strokes on a dark background
+(a picture with a bright border, i.e. dark ink on paper, is inverted), and MNIST's own normalization — the
 digit's bounding box scaled to fit 20×20 pixels with its aspect ratio kept, then placed in the
 28×28 field with its center of mass at the center (LeCun et al., the MNIST database's description).
 Other datasets are resized to their image size.

@@ -33,9 +33,8 @@ from jax.extend import core as jcore
 
 from lenet_jax.explain.primitives import CALLS, CUSTOM_DERIVATIVES
 
-_MARK = (
-    "lenet_jax.module."  # a scope name opened for a module call: the mark's path is in the trace
-)
+# The prefix of the scope names opened for module calls while tracing (``_mark``).
+_MARK = "lenet_jax.module."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +130,14 @@ def trace(f: Callable, x) -> Graph:
     """
     from lenet_jax.explain.common import model_errors
 
-    paths: dict[str, str] = {}
-    with _linen_scopes(paths), _nnx_scopes(f, paths), model_errors(f):
+    marks: dict[str, str] = {}  # module path -> the scope name its calls open
+    with _linen_scopes(marks), _nnx_scopes(f, marks), model_errors(f):
         # a new function each time: a trace cached by an earlier jit or eval_shape of ``f`` would
         # lack the module scopes
         closed = jax.make_jaxpr(lambda v: f(v))(x)
     if len(closed.jaxpr.invars) != 1 or len(closed.jaxpr.outvars) != 1:
         raise ValueError("the model must map one array to one array of logits [B, K]")
-    builder = _Builder(paths)
+    builder = _Builder({mark: path for path, mark in marks.items()})
     consts = {builder.new(v): c for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True)}
     builder.env.update(zip(closed.jaxpr.constvars, consts, strict=True))
     x_id = builder.new(closed.jaxpr.invars[0])
@@ -241,18 +240,13 @@ class _Builder:
         return tuple(paths)
 
 
-def _mark(paths: dict[str, str], path: str) -> str:
-    """The scope name that stands for module ``path`` in this trace."""
-    for mark, known in paths.items():
-        if known == path:
-            return mark
-    mark = f"{_MARK}{len(paths)}"
-    paths[mark] = path
-    return mark
+def _mark(marks: dict[str, str], path: str) -> str:
+    """The scope name that stands for module ``path`` in this trace (made on its first call)."""
+    return marks.setdefault(path, f"{_MARK}{len(marks)}")
 
 
 @contextlib.contextmanager
-def _linen_scopes(paths: dict[str, str]):
+def _linen_scopes(marks: dict[str, str]):
     """While tracing, each Linen module call runs under a scope marking its path (``"block1/conv"``).
 
     ``nn.intercept_methods`` is thread-local: other threads' models are unaffected.
@@ -260,7 +254,7 @@ def _linen_scopes(paths: dict[str, str]):
     import flax.linen as nn
 
     def interceptor(next_fun, args, kwargs, context):
-        with jax.named_scope(_mark(paths, "/".join(context.module.path))):
+        with jax.named_scope(_mark(marks, "/".join(context.module.path))):
             return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -268,13 +262,14 @@ def _linen_scopes(paths: dict[str, str]):
 
 
 @contextlib.contextmanager
-def _nnx_scopes(f, paths: dict[str, str]):
+def _nnx_scopes(f, marks: dict[str, str]):
     """While tracing an ``nnx.Module``, each submodule's ``__call__`` runs under a scope marking its
     attribute path (``"block1/conv_a"``).
 
     NNX has no method interceptors; a profile hook of the tracing thread (``sys.setprofile``, chained
-    to a Python hook already set; ``cProfile`` pauses meanwhile) opens the scope when a module of ``f``'s graph enters ``__call__`` and
-    closes it on return. The user's classes are not modified and other threads are unaffected.
+    to a Python hook already set; ``cProfile`` pauses meanwhile) opens the scope when a module of
+    ``f``'s graph enters ``__call__`` and closes it on return. The user's classes are not modified
+    and other threads are unaffected.
     """
     from flax import nnx
 
@@ -299,7 +294,7 @@ def _nnx_scopes(f, paths: dict[str, str]):
         if event == "call" and frame.f_code in codes:
             me = frame.f_locals.get("self")
             if me is not None and id(me) in modules:
-                scope = jax.named_scope(_mark(paths, modules[id(me)]))
+                scope = jax.named_scope(_mark(marks, modules[id(me)]))
                 scope.__enter__()
                 opened[frame] = scope
         elif event == "return" and frame in opened:
