@@ -76,6 +76,7 @@ class _Inputs:
     tr: jax.Array
     flip: Any  # jitted metrics.pixel_flipping of (params, x, target, attribution)
     faith: Any  # jitted metrics.faithfulness_correlation of the same
+    fresh: Any  # re-initialized parameters, for the randomization cascade
 
 
 def evaluate_run(
@@ -176,6 +177,7 @@ def _inputs(run_dir, epoch, n, n_randomization, patch, n_steps, data_dir, data_s
         target[:n_randomization],
         jax.jit(flip, static_argnames=("order",)),
         jax.jit(faith),
+        models.init_params(model, jax.random.key(1), dataset),
     )
 
 
@@ -204,14 +206,8 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
         order: metrics.summarize_curves(inputs.flip(params, x, target, attr, order=order))
         for order in ("morf", "lerf")
     }
-    cascade = metrics.randomization_cascade(
-        lambda p, v: models.explained(inputs.model, p)(v),
-        params,
-        models.init_params(inputs.model, jax.random.key(1), inputs.dataset),
-        inputs.xr,
-        inputs.tr,
-        fn,
-    )
+    apply = lambda p, v: models.explained(inputs.model, p)(v)  # noqa: E731
+    cascade = metrics.randomization_cascade(apply, params, inputs.fresh, inputs.xr, inputs.tr, fn)
     row = {
         "method": label,
         "morf_aopc": curves["morf"]["aopc"],

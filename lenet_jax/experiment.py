@@ -185,9 +185,7 @@ def _settings(model, config, dataset, run_dir: Path, resume: bool, train_limit):
             )
         if model is None:
             raise ValueError("a model is needed unless resuming a run")
-        dataset = dataset or "mnist"
-        get_dataset(dataset)  # a clear error for an unknown name, before any work
-        return model, config, dataset, train_limit, None
+        return model, config, dataset or "mnist", train_limit, None
     found = checkpoint.latest_checkpoint(run_dir)
     if found is None:
         raise checkpoint.CheckpointError(f"--resume: no checkpoint in {run_dir}")

@@ -49,12 +49,13 @@ PRESETS: dict[str, dict] = {
 
 
 # model name -> the dataset its recipe is for, where not MNIST
-DATASETS: dict[str, str] = {"minivgg": "cifar10"}
+RECIPE_DATASETS: dict[str, str] = {"minivgg": "cifar10"}
 
 
 def default_dataset(model: str) -> str:
-    """The dataset ``model``'s recipe trains on (``"mnist"`` unless ``DATASETS`` says otherwise)."""
-    return DATASETS.get(model, "mnist")
+    """The dataset ``model``'s recipe trains on (``"mnist"`` unless ``RECIPE_DATASETS`` says
+    otherwise)."""
+    return RECIPE_DATASETS.get(model, "mnist")
 
 
 def recipe(model: str, preset: str | None = None) -> TrainConfig:
