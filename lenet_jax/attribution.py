@@ -11,20 +11,17 @@ from typing import Any
 from lenet_jax import explain, models
 
 
-def attribution_fn(name: str, model, dataset: str = "mnist", **options):
-    """``(params, x, target=None) -> attribution`` of method ``name`` for a package model reading
-    images of ``dataset`` (the run's).
+def explainer(name: str, model, x_spec, dataset: str = "mnist", **options) -> explain.Explainer:
+    """``explainer(params, x, target=None) -> attribution``: method ``name`` prepared
+    (``explain.prepare``) for a package model reading images of ``dataset`` (the run's), batches
+    shaped like ``x_spec``.
 
     The dataset fills the options the method takes and ``options`` leaves unset
     (``models.dataset_options``: the zᴮ bounds of LRP, the black baseline of Integrated Gradients
     and occlusion).
     """
     opts = with_dataset_options(name, model, dataset, options)
-
-    def fn(params, x, target=None):
-        return explain.attribute(name, models.explained(model, params), x, target, **opts)
-
-    return fn
+    return explain.prepare(models.apply_fn(model), x_spec, name, **opts)
 
 
 def with_dataset_options(

@@ -1,25 +1,120 @@
-"""Faster CPU forms of LeNet's layers, for training on XLA:CPU: drop-in functions, tested equal.
+"""Faster XLA:CPU forms of convolution, chosen by shape, and the XLA flag that helps wide ones.
 
-XLA's CPU backend runs ``lax.conv_general_dilated``, a fused ``tanh`` and ``lax.reduce_window``
-pooling slowly for LeNet-5's small shapes. The forms here compute the same functions as matmuls
-and arithmetic XLA:CPU runs fast. They are chosen in one place, ``lenet_jax.train.training_model``
-(when the backend is the CPU), through the models' ``cpu_kernels`` switch; the explanation methods
-always trace the reference model, never these forms. ``tests/test_models.py`` checks each against
-its reference.
+XLA's CPU backend runs ``lax.conv_general_dilated`` 2-5x slower than PyTorch's oneDNN for most
+shapes. For convolutions with few channels a matmul form is as fast as oneDNN; for wide ones XLA's
+own convolution is the fastest form, once the flag ``XLA_FLAG`` keeps it off YNNPACK. This module is
+the one place that knows this:
+
+- ``conv_general_dilated``: a drop-in for ``lax.conv_general_dilated`` that computes the value
+  and the input and kernel derivatives each in the form chosen by the shape (a ``custom_jvp`` lets
+  the two take different forms; the thresholds below): a matmul form for few channels or a tiny
+  input, ``lax``'s otherwise. The matmul form is *banded* (rows of the input times a matrix
+  holding the kernel on its bands) for narrow inputs with few channels, *im2col* (shifted slices
+  and one matmul) otherwise. It covers any dimension numbers, 1-D to 3-D, strides,
+  padding (negative too), input and kernel dilation and feature groups; ``batch_group_count`` and
+  ``preferred_element_type`` go to ``lax``. Tested equal to ``lax`` in float64.
+- ``bind``: how an interpreter evaluates one primitive with these forms (``lenet_jax.explain``'s
+  graph evaluator uses it, so every explanation method, for any model, runs on them). ``active()``
+  says whether they apply: on the CPU backend, unless ``forms(False)`` or the environment variable
+  ``LENET_JAX_CPU_FORMS=0`` turns them off. On a GPU or TPU nothing changes.
+- ``configure_xla()``: adds ``XLA_FLAG`` to ``XLA_FLAGS``, which works only before JAX starts its
+  CPU backend. The package's scripts and explorer call it first thing; importing the library
+  changes nothing. A library user calls it before their first JAX computation.
+- ``training_conv``, ``tanh``, ``avg_pool``: the forms LeNet-5's training uses (the models'
+  ``cpu_kernels`` switch, chosen in ``lenet_jax.train.training_model``), measured for the training
+  step; a one-channel input computes its value as shifted multiply-adds fused with the activation.
+
+The thresholds were measured on an AMD EPYC (Zen 4) with jax 0.10.2 (docs/performance.md): for
+3x3 convolutions at 28x28 the matmul form takes 0.09, 0.18, 0.60 of ``lax``'s time at 1, 2, 4
+channels, and from 8 channels ``lax`` wins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import itertools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_NHWC = lax.ConvDimensionNumbers(
-    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
-)
+# The choice of form, by shape (measured on the AMD EPYC, docs/performance.md). A convolution's
+# value takes a matmul form when its output has fewer than MATMUL_BELOW channels; its input and
+# kernel derivatives when its input has fewer than MATMUL_BELOW channels and its output at most
+# DERIVATIVES_UP_TO (a 3 -> 64 stem's derivatives are faster in XLA's convolution). Both take it
+# when the input has at most SMALL_INPUT pixels per image: there XLA:CPU's convolution can be 65x
+# slower (512 channels at 2x2: 265 ms where the matmul takes 4 ms, batch 32).
+MATMUL_BELOW = 8
+DERIVATIVES_UP_TO = 16
+SMALL_INPUT = 16
+# The matmul form is banded while the input has fewer than MATMUL_BELOW channels and is at most
+# BANDED_WIDTH kernel widths wide (it costs width / kernel width times a direct convolution's
+# multiply-adds, in one large matmul), im2col otherwise.
+BANDED_WIDTH = 12
+# XLA:CPU in jaxlib 0.10 sends convolutions with more than 16 channels to YNNPACK, slower than its
+# Eigen kernels on the CPUs measured; this flag keeps them on Eigen. XLA aborts the process on a
+# flag it does not know, so it is set only for the jaxlib releases it was measured with.
+XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+XLA_FLAG_JAXLIB = ((0, 10),)
+# Set to 0 to keep ``lax.conv_general_dilated`` and XLA's own flags.
+ENV_SWITCH = "LENET_JAX_CPU_FORMS"
+
+_ENABLED = contextvars.ContextVar("lenet_jax_cpu_forms", default=None)
+
+
+def _switched_on() -> bool:
+    on = _ENABLED.get()
+    return os.environ.get(ENV_SWITCH, "1") != "0" if on is None else on
+
+
+def active() -> bool:
+    """Whether functions traced now use the forms: on the CPU backend, switched on."""
+    return _switched_on() and jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def forms(enabled: bool):
+    """Within the block, functions traced use the CPU forms (``True``) or ``lax``'s convolution
+    (``False``). A function already compiled keeps the forms it was traced with."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def configure_xla() -> bool:
+    """Adds ``XLA_FLAG`` to the ``XLA_FLAGS`` environment variable, unless the forms are switched
+    off, ``XLA_FLAGS`` already chooses the YNNPACK fusions or the installed jaxlib is not one it
+    was measured with (``XLA_FLAG_JAXLIB``). It takes effect only if JAX has not started its
+    backends yet: returns whether it was set."""
+    import jaxlib
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    release = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
+    if not _switched_on() or "ynn_fusion_type" in flags or release not in XLA_FLAG_JAXLIB:
+        return False
+    if xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {XLA_FLAG}".strip()
+    return True
+
+
+def bind(prim, args, params):
+    """``prim.bind(*args, **params)``, with a convolution in the form ``conv_general_dilated``
+    chooses when ``active()``."""
+    if prim is lax.conv_general_dilated_p and active():
+        params = {k: v for k, v in params.items() if k != "out_sharding"}
+        return conv_general_dilated(*args, **params)
+    return prim.bind(*args, **params)
+
+
+# --------------------------------------------------------------------------- the lowering
 
 
 def conv_general_dilated(
@@ -31,11 +126,201 @@ def conv_general_dilated(
     rhs_dilation=None,
     dimension_numbers=None,
     feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """``lax.conv_general_dilated``, with value and derivatives in the forms chosen by shape."""
+    n = lhs.ndim - 2
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(
+            _dilated(np.take(lhs.shape, dn.lhs_spec[2:]), lhs_dilation),
+            _dilated(np.take(rhs.shape, dn.rhs_spec[2:]), rhs_dilation),
+            window_strides,
+            padding,
+        )
+    conv = _Conv(
+        tuple(window_strides),
+        tuple(map(tuple, padding)),
+        tuple(lhs_dilation or (1,) * n),
+        tuple(rhs_dilation or (1,) * n),
+        dn,
+        feature_group_count,
+        precision,
+    )
+    reference = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=conv.strides,
+        padding=conv.padding,
+        lhs_dilation=conv.lhs_dilation,
+        rhs_dilation=conv.rhs_dilation,
+        dimension_numbers=dn,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    out_type = preferred_element_type
+    if batch_group_count != 1 or (out_type is not None and out_type != lhs.dtype) or n < 1:
+        return reference(lhs, rhs)
+    c_in, c_out = lhs.shape[dn.lhs_spec[1]], rhs.shape[dn.rhs_spec[0]]
+    small = np.prod([lhs.shape[a] for a in dn.lhs_spec[2:]]) <= SMALL_INPUT
+    value_form = c_out < MATMUL_BELOW or small
+    derivative_form = (c_in < MATMUL_BELOW and c_out <= DERIVATIVES_UP_TO) or small
+    if value_form and derivative_form:
+        return conv(lhs, rhs)
+    if not (value_form or derivative_form):
+        return reference(lhs, rhs)
+    return _split_forms(conv if value_form else reference, reference if value_form else conv)(
+        lhs, rhs
+    )
+
+
+def _dilated(sizes, dilation):
+    d = dilation or (1,) * len(sizes)
+    return tuple((s - 1) * k + 1 if s else 0 for s, k in zip(sizes, d, strict=True))
+
+
+def _split_forms(value, derivative):
+    """``value(x, k)`` whose derivatives are computed through ``derivative`` (a bilinear function
+    equal to ``value``); a kernel or input tangent that is zero costs nothing."""
+
+    @functools.partial(jax.custom_jvp)
+    def fn(x, k):
+        return value(x, k)
+
+    def jvp(primals, tangents):
+        (x, k), (dx, dk) = primals, tangents
+        y = value(x, k)
+        parts = []
+        if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+            parts.append(derivative(dx, k))
+        if not isinstance(dk, jax.custom_derivatives.SymbolicZero):
+            parts.append(derivative(x, dk))
+        tangent = functools.reduce(jnp.add, parts) if parts else jnp.zeros_like(y)
+        return y, tangent
+
+    fn.defjvp(jvp, symbolic_zeros=True)
+    return fn
+
+
+class _Conv:
+    """One convolution's configuration, computed in a matmul form by ``__call__``."""
+
+    def __init__(self, strides, padding, lhs_dilation, rhs_dilation, dn, groups, precision):
+        self.strides, self.padding = strides, padding
+        self.lhs_dilation, self.rhs_dilation = lhs_dilation, rhs_dilation
+        self.dn, self.groups, self.precision = dn, groups, precision
+
+    def __call__(self, lhs, rhs):
+        dn = self.dn
+        # canonical layouts: input [N, *spatial, C], kernel [*spatial, I, O], output [N, *spatial, O]
+        x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+        k = jnp.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
+        k = _dense_kernel(k, self.groups)
+        zero = jnp.zeros((), x.dtype)
+        pads = [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(
+            self.padding, self.lhs_dilation, strict=True)), (0, 0, 0)]  # fmt: skip
+        x = lax.pad(x, zero, pads)
+        width, kw = x.shape[-2], (k.shape[-3] - 1) * self.rhs_dilation[-1] + 1
+        narrow = x.shape[-1] < MATMUL_BELOW and width <= BANDED_WIDTH * kw
+        form = _banded if narrow else _im2col
+        y = form(x, k, self.strides, self.rhs_dilation, self.precision)
+        out = (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1])
+        return jnp.transpose(y, np.argsort(out))
+
+
+def _dense_kernel(k, groups):
+    """A grouped kernel ``[*spatial, I / G, O]`` as the dense ``[*spatial, I, O]`` it equals (zero
+    between groups)."""
+    if groups == 1:
+        return k
+    *spatial, i, o = k.shape
+    blocks = k.reshape(*spatial, i, groups, o // groups)
+    dense = jnp.einsum("...igo,hg->...higo", blocks, jnp.eye(groups, dtype=k.dtype))
+    return dense.reshape(*spatial, groups * i, o)
+
+
+def _out_sizes(x, k, strides, dilation):
+    return [
+        (x.shape[1 + a] - (k.shape[a] - 1) * dilation[a] - 1) // strides[a] + 1
+        for a in range(k.ndim - 2)
+    ]
+
+
+def _window(x, offsets, sizes, strides, dilation, axes):
+    """The input seen by kernel tap ``offsets`` along ``axes``: ``[N, ..., C]``."""
+    starts, limits, steps = [0] * x.ndim, list(x.shape), [1] * x.ndim
+    for a, o, n, s, d in zip(axes, offsets, sizes, strides, dilation, strict=True):
+        starts[1 + a] = o * d
+        limits[1 + a] = o * d + (n - 1) * s + 1
+        steps[1 + a] = s
+    return lax.slice(x, starts, limits, steps)
+
+
+def _im2col(x, k, strides, dilation, precision):
+    """Every kernel tap's shifted slice side by side, times the kernel as one matrix."""
+    *spatial, ci, co = k.shape
+    sizes = _out_sizes(x, k, strides, dilation)
+    axes = range(len(spatial))
+    cols = [
+        _window(x, offsets, sizes, strides, dilation, axes)
+        for offsets in itertools.product(*map(range, spatial))
+    ]
+    cols = jnp.stack(cols, axis=-2).reshape(x.shape[0], *sizes, -1)
+    return jnp.matmul(cols, k.reshape(-1, co), precision=precision)
+
+
+def _banded(x, k, strides, dilation, precision):
+    """Whole rows of the input along the last spatial axis (one per tap of the others), times a
+    matrix holding the kernel on its bands: ``band[.., c, i, v, o] = kernel[.., j, i, o]`` where
+    input column ``c = v * stride + j * dilation``. It costs width / kernel width times the
+    multiply-adds of a direct convolution but runs as one large matmul, and so do its derivatives."""
+    *spatial, ci, co = k.shape
+    sizes = _out_sizes(x, k, strides, dilation)
+    width, kw, w = x.shape[-2], spatial[-1], sizes[-1]
+    lead = range(len(spatial) - 1)
+    rows = [
+        _window(x, offsets, sizes[:-1], strides[:-1], dilation[:-1], lead)
+        for offsets in itertools.product(*(range(s) for s in spatial[:-1]))
+    ]
+    rows = jnp.stack(rows, axis=-3)  # [N, *out[:-1], taps, W, C]
+    on_band = (
+        np.arange(width)[None, :, None]
+        == np.arange(w)[None, None, :] * strides[-1] + np.arange(kw)[:, None, None] * dilation[-1]
+    )
+    kernel = k.reshape(-1, kw, ci, co)
+    band = jnp.einsum("jcv,tjio->tcivo", on_band.astype(k.dtype), kernel)
+    y = jnp.matmul(
+        rows.reshape(-1, band.shape[0] * width * ci),
+        band.reshape(-1, w * co),
+        precision=precision,
+    )
+    return y.reshape(x.shape[0], *sizes, co)
+
+
+# --------------------------------------------------------------------------- training's forms
+
+_NHWC = lax.ConvDimensionNumbers(
+    lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
+)
+
+
+def training_conv(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
     precision=None,
     **kwargs,
 ):
-    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)``, faster on CPU for
-    stride-1, undilated, ungrouped NHWC/HWIO convolutions; anything else goes to ``lax``."""
+    """``lax.conv_general_dilated`` for ``nn.Conv(conv_general_dilated=...)`` in training: stride-1,
+    undilated, ungrouped NHWC/HWIO convolutions in ``_conv_cpu``'s forms; anything else ``lax``'s."""
     simple = (
         tuple(window_strides) == (1, 1)
         and all(d in (None, (1, 1), [1, 1]) for d in (lhs_dilation, rhs_dilation))
@@ -65,46 +350,19 @@ def conv_general_dilated(
 
 
 def _conv_cpu(x_BHWC, kernel_HWIO):
-    """VALID stride-1 convolution in the form XLA's CPU backend runs fastest for its shape.
-
-    ``lax.conv_general_dilated`` is slow on CPU for LeNet's small shapes. Narrow inputs (at most 8
-    channels, width at most 8 kernel widths) use the banded matmul; wider ones im2col. A
-    one-channel input computes its values as shifted multiply-adds and its derivatives through
-    the matmul form. All forms agree with ``lax.conv_general_dilated`` to float rounding.
-    """
+    """VALID stride-1 convolution in the form training runs fastest: a one-channel input as shifted
+    multiply-adds (derivatives in a matmul form), narrow inputs (at most 8 channels, width at most
+    8 kernel widths) banded, wider ones im2col."""
     _, kw, ci, _ = kernel_HWIO.shape
     banded = ci <= 8 and x_BHWC.shape[2] <= 8 * kw
     if ci == 1:
         return _conv_shifted(x_BHWC, kernel_HWIO, banded)
-    return _conv_banded(x_BHWC, kernel_HWIO) if banded else _conv_im2col(x_BHWC, kernel_HWIO)
+    return _stride1(_banded if banded else _im2col)(x_BHWC, kernel_HWIO)
 
 
-def _conv_im2col(x_BHWC, kernel_HWIO):
-    """VALID stride-1 convolution as shifted slices (im2col) and one matmul."""
-    kh, kw, ci, co = kernel_HWIO.shape
-    h, w = x_BHWC.shape[1] - kh + 1, x_BHWC.shape[2] - kw + 1
-    cols = jnp.concatenate(
-        [x_BHWC[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
-    )
-    return cols @ kernel_HWIO.reshape(kh * kw * ci, co)
-
-
-def _conv_banded(x_BHWC, kernel_HWIO):
-    """VALID stride-1 convolution as one matmul of the input's row windows with a banded matrix.
-
-    Row ``h`` of the output reads input rows ``h .. h+kh-1`` whole; the matrix holds the kernel on
-    its bands, ``band[i, c, u, v, o] = kernel[i, c - v, u, o]`` for ``0 <= c - v < kw``. It costs
-    ``W / kw`` times the multiply-adds of a direct convolution but runs as one large matmul, and
-    its gradients (the kernel's: rows^T @ cotangent, then a sum along the bands) are matmuls too.
-    """
-    kh, kw, ci, co = kernel_HWIO.shape
-    b, height, width, _ = x_BHWC.shape
-    h, w = height - kh + 1, width - kw + 1
-    on_band = np.arange(width)[None, :, None] == np.arange(kw)[:, None, None] + np.arange(w)
-    band = jnp.einsum("jcv,ijuo->icuvo", on_band.astype(kernel_HWIO.dtype), kernel_HWIO)
-    rows = jnp.stack([x_BHWC[:, i : i + h] for i in range(kh)], axis=2)  # [B, h, kh, W, Cin]
-    y = rows.reshape(b * h, kh * width * ci) @ band.reshape(kh * width * ci, w * co)
-    return y.reshape(b, h, w, co)
+def _stride1(form):
+    """A matmul form as a VALID, stride-1, undilated 2-D convolution ``(x, kernel)``."""
+    return lambda x, k: form(x, k, (1, 1), (1, 1), None)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -113,7 +371,7 @@ def _conv_shifted(x_BHWC, kernel_HWIO, banded):
 
     XLA fuses the ``kh * kw`` multiply-adds (and the activation after them) into one vectorized
     loop, about 4x faster than a matmul form for LeNet's first layer on CPU. Derivatives go
-    through the matmul form (``_conv_banded`` if ``banded``, else ``_conv_im2col``).
+    through a matmul form (``_banded`` if ``banded``, else ``_im2col``).
     """
     kh, kw, _, co = kernel_HWIO.shape
     h, w = x_BHWC.shape[1] - kh + 1, x_BHWC.shape[2] - kw + 1
@@ -128,7 +386,7 @@ def _conv_shifted(x_BHWC, kernel_HWIO, banded):
 def _conv_shifted_jvp(banded, primals, tangents):
     x, k = primals
     dx, dk = tangents
-    linear = _conv_banded if banded else _conv_im2col
+    linear = _stride1(_banded if banded else _im2col)
     return _conv_shifted(x, k, banded), linear(dx, k) + linear(x, dk)
 
 

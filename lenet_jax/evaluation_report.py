@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, models, parallel
-from lenet_jax.attribution import attribution_fn
+from lenet_jax.attribution import explainer
 from lenet_jax.data import load_dataset, normalized_range, to_pixels
 from lenet_jax.explain import metrics
 from lenet_jax.explain.common import target_logit
@@ -197,7 +197,7 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
     """``(row, curves, cascade)`` of one entry: its table row, its MoRF/LeRF curve summaries and its
     randomization cascade."""
     params, x, target = inputs.params, inputs.x, inputs.target
-    fn = jax.jit(attribution_fn(name, inputs.model, inputs.dataset, **options))
+    fn = explainer(name, inputs.model, x, inputs.dataset, **options)
     compiled = fn.lower(params, x, target).compile()
     t0 = time.perf_counter()
     attr = jax.block_until_ready(compiled(params, x, target))
@@ -207,7 +207,8 @@ def _score_entry(inputs: _Inputs, label: str, name: str, options: dict):
         for order in ("morf", "lerf")
     }
     apply = lambda p, v: models.explained(inputs.model, p)(v)  # noqa: E731
-    cascade = metrics.randomization_cascade(apply, params, inputs.fresh, inputs.xr, inputs.tr, fn)
+    fn_r = explainer(name, inputs.model, inputs.xr, inputs.dataset, **options)
+    cascade = metrics.randomization_cascade(apply, params, inputs.fresh, inputs.xr, inputs.tr, fn_r)
     row = {
         "method": label,
         "morf_aopc": curves["morf"]["aopc"],

@@ -36,7 +36,7 @@ class ImageClassifier(nn.Module):
 
     # The layer functions, reference or CPU form.
     def conv(self, features, kernel_size, *, name, padding="VALID", kernel_init):
-        fn = cpu_kernels.conv_general_dilated if self.cpu_kernels else lax.conv_general_dilated
+        fn = cpu_kernels.training_conv if self.cpu_kernels else lax.conv_general_dilated
         return nn.Conv(
             features,
             kernel_size,
@@ -300,6 +300,12 @@ def default_composite(model: ImageClassifier) -> str:
     """The LRP composite a model is explained with by default: AttnLRP (``"attn_lrp"``) for the
     ViT, zennit's ``"epsilon_plus_flat"`` for the CNNs."""
     return "attn_lrp" if isinstance(model, ViT) else "epsilon_plus_flat"
+
+
+def apply_fn(model: ImageClassifier):
+    """``(params, x) -> logits`` of ``model`` in evaluation mode, in its reference form: what
+    ``explain.prepare`` takes."""
+    return lambda params, x: explained(model, params)(x)
 
 
 def explained(model: ImageClassifier, params):

@@ -97,7 +97,7 @@ def sharded_call(fn, mesh: Mesh | None, params, x, *rest):
     """``fn(params, x, *rest)`` with ``x`` (and array ``rest`` arguments with the same batch) split
     over ``mesh`` and ``params`` replicated; the result has ``x``'s batch length.
 
-    ``fn`` is typically a jitted attribution, ``jax.jit(attribution.attribution_fn("lrp", model))``.
+    ``fn`` is typically an explainer, ``attribution.explainer("lrp", model, x_spec)``.
     With ``mesh=None`` it is a plain call.
     """
     if mesh is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, models, parallel
-from lenet_jax.attribution import attribution_fn, with_dataset_options
+from lenet_jax.attribution import explainer, with_dataset_options
 from lenet_jax.data import get_dataset, load_dataset, to_pixels
 from lenet_jax.explain.common import check_batch
 from lenet_jax.image_files import read_images
@@ -36,12 +35,14 @@ def pick_examples(pred: np.ndarray, labels: np.ndarray, n: int, mix_wrong: bool)
 
 
 def explain_method(name: str, model, params, x, target=None, *, dataset="mnist", **options):
-    """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one jit,
+    """``[B, H, W]`` maps of method ``name`` for ``x`` (channels summed), computed in one program,
     with the batch split over every device when there are several (``lenet_jax.parallel``)."""
     check_batch(x)
-    fn = attribution_fn(name, model, dataset, **options)
-    fn = jax.jit(functools.partial(fn, target=target))
-    out = parallel.sharded_call(fn, parallel.default_mesh(), params, x)
+    mesh = parallel.default_mesh()
+    n = x.shape[0] + (-x.shape[0] % mesh.size if mesh is not None else 0)  # as sharded
+    spec = jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype)
+    fn = explainer(name, model, spec, dataset, **options)
+    out = parallel.sharded_call(fn, mesh, params, x, target)
     return out if out.ndim == 3 else out.sum(-1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.metadata
+import os
 import statistics
 import sys
 import time
@@ -27,8 +28,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from performance_doc import render  # noqa: E402  (scripts/performance_doc.py)
 
-from lenet_jax import cli, explain  # noqa: E402
-from lenet_jax.attribution import attribution_fn  # noqa: E402
+from lenet_jax import cli, cpu_kernels, explain  # noqa: E402
+from lenet_jax.attribution import explainer  # noqa: E402
 from lenet_jax.augment import make_augment  # noqa: E402
 from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
@@ -262,7 +263,7 @@ def devices_child(repeats, n_images):
     model = LeNet5()
     params = init_params(model, jax.random.key(0))
     x = np.asarray(preprocess(jnp.asarray(test_x[:n_images])))
-    lrp = jax.jit(attribution_fn("lrp", model, composite="epsilon_plus_flat"))
+    lrp = explainer("lrp", model, x, composite="epsilon_plus_flat")
     rows = []
     for mesh in (None, parallel.data_mesh()):
         label = "1 device" if mesh is None else f"{mesh.size} simulated CPU devices"
@@ -286,13 +287,14 @@ EXPLAIN_OPTIONS = {
 
 
 LIGHT = ("lrp", "saliency", "gradient_x_input", "grad_cam")
+CAPTUM_METHODS = ("saliency", "gradient_x_input", "smoothgrad", "integrated_gradients", "occlusion")
 
 
 def bench_explain(model, params, x, methods, repeats, heavy_repeats=1):
     rows = []
     for name in methods:
         reps = repeats if name in LIGHT else heavy_repeats
-        fn = jax.jit(attribution_fn(name, model, **EXPLAIN_OPTIONS[name]))
+        fn = explainer(name, model, x, **EXPLAIN_OPTIONS[name])
         row = timed_row(
             f"JAX {name}",
             lambda fn=fn: fn(params, x),
@@ -343,9 +345,10 @@ def bench_zennit(model, params, x, repeats, batch_size=1000):
 
 
 def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_steps=50):
-    """captum Saliency, NoiseTunnel(Saliency) SmoothGrad and IntegratedGradients, same weights."""
+    """captum Saliency, InputXGradient, NoiseTunnel(Saliency) SmoothGrad, IntegratedGradients and
+    Occlusion (the window, stride and black baseline of ours), same weights."""
     import torch
-    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+    from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 
     from lenet_jax.data import normalized_range
 
@@ -374,8 +377,21 @@ def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_step
             abs=False,
         )
 
+    window, stride = EXPLAIN_OPTIONS["occlusion"]["window"], EXPLAIN_OPTIONS["occlusion"]["stride"]
+
+    def occlusion(xb, tb):
+        Occlusion(twin).attribute(
+            xb,
+            sliding_window_shapes=(1, window, window),
+            strides=stride,
+            baselines=black,
+            target=tb,
+            perturbations_per_eval=64,
+        )
+
     specs = {
         "saliency": (lambda xb, tb: Saliency(twin).attribute(xb, target=tb, abs=False), repeats),
+        "gradient_x_input": (lambda xb, tb: InputXGradient(twin).attribute(xb, target=tb), repeats),
         "smoothgrad": (smooth, 1),
         "integrated_gradients": (
             lambda xb, tb: IntegratedGradients(twin).attribute(
@@ -383,6 +399,7 @@ def bench_captum(model, params, x, repeats, batch_size=500, n_samples=50, n_step
             ),
             1,
         ),
+        "occlusion": (occlusion, 1),
     }
     rows = []
     for name, (fn, reps) in specs.items():
@@ -538,33 +555,31 @@ def vgg_bn_twin(variables):
 
 
 def bench_user_model(images, repeats, peers, batch_size=500):
-    """LRP (epsilon_plus_flat) on ``VGGBN`` through the engine, and zennit with its BatchNorm
-    canonizer on the twin. Rows, and the largest difference of the two maps on 8 images."""
+    """LRP (epsilon_plus_flat) and saliency on ``VGGBN`` through ``explain.prepare`` (variables
+    passed to the program), and zennit with its BatchNorm canonizer on the twin. Rows, and the
+    largest difference of the two maps on 8 images."""
     f, variables = vgg_bn()
     x = ((jnp.asarray(images, jnp.float32)[..., None] / 255.0) - MEAN) / STD
-    lrp = jax.jit(lambda v: explain.lrp(f, v, composite="epsilon_plus_flat", batch_size=batch_size))
+    apply = lambda v, a: VGGBN().apply(v, a)  # noqa: E731
+    spec = jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype)
+    lrp = explain.prepare(apply, spec, "lrp", composite="epsilon_plus_flat")
+    saliency = explain.prepare(apply, spec, "saliency")
     n = x.shape[0]
-    rows = [timed_row("JAX lrp, Linen VGG with BatchNorm", lambda: lrp(x), repeats, images=n)]
+    rows = [
+        timed_row("JAX lrp, Linen VGG with BatchNorm", lambda: lrp(variables, x), repeats, images=n),
+        timed_row("JAX saliency, Linen VGG with BatchNorm", lambda: saliency(variables, x),
+                  repeats, images=n),
+    ]  # fmt: skip
     if not peers:
         return rows, None
     import torch
-    from zennit.attribution import Gradient
     from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.composites import EpsilonPlusFlat
 
     twin = vgg_bn_twin(variables)
     xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
 
     def zennit_maps(xs):
-        out = []
-        composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
-        with Gradient(model=twin, composite=composite) as attributor:
-            for i in range(0, len(xs), batch_size):
-                xb = xs[i : i + batch_size]
-                logits = twin(xb).detach()
-                seed = torch.nn.functional.one_hot(logits.argmax(1), 10).to(logits) * logits
-                out.append(attributor(xb, seed)[1])
-        return torch.cat(out)
+        return zennit_lrp(twin, xs, [SequentialMergeBatchNorm()], batch_size)
 
     rows.append(
         timed_row("zennit lrp, Linen VGG's twin, BatchNorm canonizer", lambda: zennit_maps(xt),
@@ -572,6 +587,148 @@ def bench_user_model(images, repeats, peers, batch_size=500):
     )  # fmt: skip
     ours = np.asarray(explain.lrp(f, x[:8], composite="epsilon_plus_flat"))
     theirs = zennit_maps(xt[:8]).numpy().transpose(0, 2, 3, 1)
+    return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def zennit_lrp(twin, xs, canonizers, batch_size):
+    """zennit's EpsilonPlusFlat relevance of ``twin`` for the predicted classes, in batches."""
+    import torch
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    out = []
+    with Gradient(model=twin, composite=EpsilonPlusFlat(canonizers=canonizers)) as attributor:
+        for i in range(0, len(xs), batch_size):
+            xb = xs[i : i + batch_size]
+            logits = twin(xb).detach()
+            seed = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits)
+            out.append(attributor(xb, seed * logits)[1])
+    return torch.cat(out)
+
+
+class ResNetBlock(nn.Module):
+    """A ResNet basic block as Flax's ImageNet example writes it (BatchNorm after each conv, a
+    projection on the skip path when the shape changes), with torchvision's explicit padding."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, use_bias=False)
+        norm = functools.partial(nn.BatchNorm, use_running_average=True)
+        pad = ((1, 1), (1, 1))
+        s = (self.strides, self.strides)
+        y = nn.relu(norm()(conv(self.features, (3, 3), s, padding=pad)(x)))
+        y = norm()(conv(self.features, (3, 3), padding=pad)(y))
+        if x.shape != y.shape:
+            x = norm()(conv(self.features, (1, 1), s)(x))
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in Linen (Flax's ImageNet example's layout): 7x7/2 stem, 3x3/2 max-pool, four
+    stages of two blocks (64-512 channels), global mean, dense head."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, features in enumerate((64, 128, 256, 512)):
+            x = ResNetBlock(features, 1 if i == 0 else 2)(x)
+            x = ResNetBlock(features)(x)
+        return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def resnet18(size):
+    """``(apply, variables)``: ``ResNet18`` with random weights and BatchNorm statistics."""
+    model = ResNet18()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    keys = iter(jax.random.split(jax.random.key(1), 128))
+    stats = jax.tree_util.tree_map_with_path(  # means near 0, variances near 1: logits not 0
+        lambda path, a: (
+            (0.5 + jax.random.uniform(next(keys), a.shape))
+            if path[-1].key == "var"
+            else 0.1 * jax.random.normal(next(keys), a.shape)
+        ),
+        variables["batch_stats"],
+    )
+    return model.apply, {**variables, "batch_stats": stats}
+
+
+def resnet18_twin(variables):
+    """torchvision's ResNet-18 with ``variables`` (float32; BatchNorm eps 0, variance shifted by
+    Flax's eps, so that zennit 0.5.1's merge computes the same function)."""
+    import torch
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    p, stats = variables["params"], variables["batch_stats"]
+    t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731
+
+    def conv(c, name):
+        c.weight.data = t(np.asarray(p_of(p, name)["kernel"]).transpose(3, 2, 0, 1))
+
+    def bn(b, name):
+        b.weight.data, b.bias.data = t(p_of(p, name)["scale"]), t(p_of(p, name)["bias"])
+        b.running_mean.data = t(p_of(stats, name)["mean"])
+        b.running_var.data = t(np.asarray(p_of(stats, name)["var"]) + 1e-5)
+        b.eps = 0.0
+
+    conv(net.conv1, "Conv_0")
+    bn(net.bn1, "BatchNorm_0")
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    for i, block in enumerate(blocks):
+        name = f"ResNetBlock_{i}/"
+        conv(block.conv1, name + "Conv_0")
+        bn(block.bn1, name + "BatchNorm_0")
+        conv(block.conv2, name + "Conv_1")
+        bn(block.bn2, name + "BatchNorm_1")
+        if block.downsample is not None:
+            conv(block.downsample[0], name + "Conv_2")
+            bn(block.downsample[1], name + "BatchNorm_2")
+    net.fc.weight.data, net.fc.bias.data = (
+        t(np.asarray(p["Dense_0"]["kernel"]).T),
+        t(p["Dense_0"]["bias"]),
+    )
+    return net
+
+
+def p_of(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def bench_resnet(repeats, peers, n=32, size=64):
+    """LRP (epsilon_plus_flat) and saliency on ``ResNet18`` (``n`` random images of ``size``²),
+    through ``explain.prepare``; zennit's ResNet canonizer on torchvision's twin. Rows, and the
+    largest difference of the maps on 4 images."""
+    apply, variables = resnet18(size)
+    x = jax.random.normal(jax.random.key(2), (n, size, size, 3), jnp.float32)
+    lrp = explain.prepare(apply, x, "lrp", composite="epsilon_plus_flat")
+    saliency = explain.prepare(apply, x, "saliency")
+    label = f"ResNet-18 (Linen), {n} images of {size}x{size}"
+    rows = [
+        timed_row(f"JAX lrp, {label}", lambda: lrp(variables, x), repeats, images=n),
+        timed_row(f"JAX saliency, {label}", lambda: saliency(variables, x), repeats, images=n),
+    ]
+    if not peers:
+        return rows, None
+    import torch
+    from zennit.torchvision import ResNetCanonizer
+
+    twin = resnet18_twin(variables)
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    rows.append(
+        timed_row(f"zennit lrp, torchvision twin, ResNet canonizer (torch {torch.__version__})",
+                  lambda: zennit_lrp(twin, xt, [ResNetCanonizer()], n), repeats, images=n)
+    )  # fmt: skip
+    ours = np.asarray(lrp(variables, x))[:4]
+    theirs = zennit_lrp(twin, xt[:4], [ResNetCanonizer()], 4).numpy().transpose(0, 2, 3, 1)
     return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
@@ -622,6 +779,65 @@ def bench_transformer(images, repeats, peers, batch_size=500):
     return rows, float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
+# (name, input NHWC, kernel HWIO, stride, padding): the convolutions the CPU forms were chosen on
+CONV_WORKLOADS = [
+    ("LeNet-5 conv1, 1->6 5x5 at 32x32, batch 10,000", (10_000, 32, 32, 1), (5, 5, 1, 6), 1, 0),
+    ("LeNet-5 conv2, 6->16 5x5 at 14x14, batch 10,000", (10_000, 14, 14, 6), (5, 5, 6, 16), 1, 0),
+    ("3x3 64->64 at 32x32, batch 64", (64, 32, 32, 64), (3, 3, 64, 64), 1, 1),
+    ("3x3 3->32 at 64x64, batch 64", (64, 64, 64, 3), (3, 3, 3, 32), 1, 1),
+    ("3x3 512->512 at 2x2 (ResNet-18 at 64x64), batch 32", (32, 2, 2, 512), (3, 3, 512, 512), 1, 1),
+]
+
+
+def bench_convs(repeats, peers):
+    """Forward, and forward + input gradient, of single convolutions: ``lax.conv`` as written, the
+    form ``cpu_kernels`` chooses, and PyTorch (oneDNN). Where the form is ``lax``'s own, the
+    PyTorch ratio is XLA's convolution's bound on the methods."""
+    rows = []
+    for workload in CONV_WORKLOADS:
+        rows += _conv_rows(workload, repeats, peers)
+    return rows
+
+
+def _conv_rows(workload, repeats, peers):
+    from jax import lax
+
+    name, x_shape, k_shape, stride, pad = workload
+    x = jax.random.normal(jax.random.key(0), x_shape, jnp.float32)
+    k = 0.1 * jax.random.normal(jax.random.key(1), k_shape, jnp.float32)
+    options = dict(window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    runs = {}
+    for form, conv in (("JAX lax", lax.conv_general_dilated),
+                       ("JAX chosen form", cpu_kernels.conv_general_dilated)):  # fmt: skip
+        conv = functools.partial(conv, **options)
+        fwd = jax.jit(conv)
+        grad = jax.jit(jax.grad(lambda a, w, conv=conv: jnp.sum(conv(a, w) ** 2)))
+        runs[form, "forward"] = lambda fwd=fwd: fwd(x, k)
+        runs[form, "forward + input gradient"] = lambda grad=grad: grad(x, k)
+    if peers:
+        import torch
+
+        xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+        wt = torch.tensor(np.asarray(k).transpose(3, 2, 0, 1).copy())
+        conv2d = functools.partial(
+            torch.nn.functional.conv2d, weight=wt, stride=stride, padding=pad
+        )
+
+        def forward():
+            with torch.inference_mode():
+                conv2d(xt)
+
+        def backward():
+            (conv2d(xt.clone().requires_grad_(True)) ** 2).sum().backward()
+
+        runs["PyTorch", "forward"], runs["PyTorch", "forward + input gradient"] = forward, backward
+    return [
+        timed_row(f"{name}: {what}, {form}", fn, repeats, conv=name, what=what, form=form)
+        for (form, what), fn in runs.items()
+    ]
+
+
 def _versions(peers: bool) -> dict[str, str]:
     """Versions of flax and of the peers that ran."""
     names = ["flax", *(["torch", "zennit", "captum", "grad-cam", "lxt"] if peers else [])]
@@ -634,14 +850,27 @@ def _versions(peers: bool) -> dict[str, str]:
     return out
 
 
-SECTIONS = ("train", "explain", "user_model", "transformer", "accuracy", "devices")
+SECTIONS = (
+    "train", "explain", "user_model", "resnet", "transformer", "convs", "accuracy", "devices"
+)  # fmt: skip
+
+
+def _use_device(device: str) -> None:
+    """JAX on ``device`` ("cpu" or "gpu"): a one-line error when there is none."""
+    platform = {"cpu": "cpu", "gpu": "cuda"}[device]
+    jax.config.update("jax_platforms", platform)
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: JAX finds no {platform} device ({e})") from None
 
 
 def main(argv=None) -> int:
+    cpu_kernels.configure_xla()  # before JAX starts: XLA's faster wide convolutions on a CPU
     p = cli.parser(__doc__)
     p.add_argument(
         "--only",
-        default="train,explain,user_model,transformer",
+        default="train,explain,user_model,resnet,transformer,convs",
         help="comma-separated sections: " + ", ".join(SECTIONS),
     )
     p.add_argument(
@@ -658,6 +887,18 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--preset", default="fast", choices=sorted(PRESETS), help="recipe of the accuracy section"
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "gpu"),
+        help="where JAX runs; on a GPU the peers (PyTorch on the CPU) are skipped",
+    )
+    p.add_argument(
+        "--resnet-size", type=cli.positive_int, default=64, help="ResNet-18's image side"
+    )
+    p.add_argument(
+        "--resnet-images", type=cli.positive_int, default=32, help="ResNet-18's batch of images"
     )
     p.add_argument("--devices-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-peers", action="store_true", help="skip PyTorch/zennit/captum")
@@ -683,7 +924,9 @@ def main(argv=None) -> int:
     bad = sorted(sections - set(SECTIONS)) + sorted(set(methods) - set(explain.METHODS))
     if bad:
         p.error(f"unknown section or method {bad[0]!r}")
-    peers = not args.no_peers
+    with cli.one_line_errors(p):
+        _use_device(args.device)
+    peers = not args.no_peers and args.device == "cpu"
     if peers:
         try:
             import torch  # noqa: F401
@@ -766,7 +1009,7 @@ def main(argv=None) -> int:
             results["rows"].append(z)
             results["ratios"]["zennit time / JAX LRP time"] = z["median_s"] / by["lrp"]["median_s"]
         if peers and args.captum:
-            wanted = [m for m in ("saliency", "smoothgrad", "integrated_gradients") if m in by]
+            wanted = [m for m in CAPTUM_METHODS if m in by]
             for row in bench_captum(model, params, x, max(1, min(args.repeats, 3))):
                 results["rows"].append(row)
                 if row["method"] in wanted:
@@ -797,11 +1040,32 @@ def main(argv=None) -> int:
         print(f"LRP of a Linen VGG with BatchNorm on {args.images} test images ...", flush=True)
         rows, diff = bench_user_model(test_x[: args.images], args.repeats, peers)
         results["rows"] += rows
+        results["ratios"]["LRP time / saliency time, Linen VGG with BatchNorm"] = (
+            rows[0]["median_s"] / rows[1]["median_s"]
+        )
         if diff is not None:
             results["ratios"]["zennit time / JAX LRP time, Linen VGG with BatchNorm"] = (
-                rows[1]["median_s"] / rows[0]["median_s"]
+                rows[2]["median_s"] / rows[0]["median_s"]
             )
             results["ratios"]["largest |JAX − zennit| / largest |zennit|, VGG-BN, float32"] = diff
+    if "resnet" in sections:
+        size, count = args.resnet_size, args.resnet_images
+        print(f"LRP of ResNet-18 on {count} images of {size}x{size} ...", flush=True)
+        rows, diff = bench_resnet(args.repeats, peers, n=count, size=size)
+        results["rows"] += rows
+        results["ratios"]["LRP time / saliency time, ResNet-18"] = (
+            rows[0]["median_s"] / rows[1]["median_s"]
+        )
+        results["ratios"]["JAX LRP first call (tracing + compiling), ResNet-18, s"] = rows[0][
+            "first_s"
+        ]
+        if diff is not None:
+            results["ratios"]["zennit time / JAX LRP time, ResNet-18"] = (
+                rows[2]["median_s"] / rows[0]["median_s"]
+            )
+            results["ratios"]["largest |JAX − zennit| / largest |zennit|, ResNet-18, float32"] = (
+                diff
+            )
     if "transformer" in sections:
         print(f"AttnLRP of a ViT on {args.images} test images ...", flush=True)
         rows, diff = bench_transformer(test_x[: args.images], args.repeats, peers)
@@ -817,6 +1081,10 @@ def main(argv=None) -> int:
                 rows[2]["median_s"] / rows[0]["median_s"]
             )
             results["ratios"]["largest |JAX − LXT| / largest |LXT|, ViT, float32"] = diff
+    if "convs" in sections:
+        print("single convolutions ...", flush=True)
+        results["rows"] += bench_convs(args.repeats, peers)
+    results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     md = render(results)
     print(md)
     write_report(args.out, results, md)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lenet_jax import cli  # noqa: E402
+from lenet_jax import cli, cpu_kernels  # noqa: E402
 
 SETS = {
     "prediction + LRP + saliency + Grad-CAM": ["lrp", "saliency", "grad_cam"],
@@ -25,6 +25,7 @@ SETS = {
 
 
 def main(argv=None) -> int:
+    cpu_kernels.configure_xla()  # before JAX starts: XLA's faster wide convolutions on a CPU
     p = cli.parser(__doc__)
     p.add_argument("--run", type=Path, default=None, help="run folder (default: newest in runs/)")
     p.add_argument("--requests", type=cli.positive_int, default=50, help="requests per method set")

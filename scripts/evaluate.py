@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lenet_jax import cli  # noqa: E402
+from lenet_jax import cli, cpu_kernels  # noqa: E402
 
 
 def _names(text: str) -> list[str] | None:
@@ -20,6 +20,7 @@ def _names(text: str) -> list[str] | None:
 
 
 def main(argv=None) -> int:
+    cpu_kernels.configure_xla()  # before JAX starts: XLA's faster wide convolutions on a CPU
     p = cli.parser(__doc__)
     cli.add_run_arguments(p)
     p.add_argument("--methods", default="all", help="comma-separated method names, or all")

@@ -14,11 +14,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lenet_jax import cli  # noqa: E402
+from lenet_jax import cli, cpu_kernels  # noqa: E402
 from lenet_jax.explain import COMPOSITES, METHODS  # noqa: E402
 
 
 def main(argv=None) -> int:
+    cpu_kernels.configure_xla()  # before JAX starts: XLA's faster wide convolutions on a CPU
     p = cli.parser(__doc__)
     p.add_argument("--method", default="lrp", choices=[*METHODS, "all"])
     p.add_argument(

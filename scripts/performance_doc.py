@@ -19,9 +19,12 @@ README_RATIOS = {
     "zennit time / JAX LRP time, Linen VGG with BatchNorm": (
         "LRP, a Linen VGG with BatchNorm: zennit with its BatchNorm canonizer"
     ),
+    "zennit time / JAX LRP time, ResNet-18": "LRP, ResNet-18 (Linen) at 64×64: zennit with its ResNet canonizer",
     "captum saliency time / JAX time": "saliency: captum",
+    "captum gradient_x_input time / JAX time": "gradient × input: captum",
     "captum smoothgrad time / JAX time": "SmoothGrad, 50 samples: captum's `NoiseTunnel`",
     "captum integrated_gradients time / JAX time": "Integrated Gradients, 50 steps: captum",
+    "captum occlusion time / JAX time": "occlusion, 4×4 window, stride 2: captum",
     "pytorch-grad-cam ScoreCAM time / JAX time": "Score-CAM: pytorch-grad-cam",
     "PyTorch peer epoch / JAX epoch": (
         "training epoch, batch 64: the same LeNet-5 in PyTorch (preloaded tensors)"
@@ -33,15 +36,17 @@ NOTES = """\
 ## How to read it
 
 - **Ratios.** "tool time / JAX time" above 1 means JAX is faster; "first call" is tracing, planning
-  and compiling plus one run. Every peer runs on a PyTorch twin with the same weights and the same
-  images; the maps are compared in the test suite (float64), the table above gives the float32
-  difference where it is measured here.
-- **The convolution.** Every explanation runs the model as written, so LeNet-5's and the VGG's
-  convolutions are XLA's `lax.conv`. On this CPU XLA's convolution is slower than PyTorch's oneDNN
-  for these shapes: the row "PyTorch forward / JAX forward of the masked inputs" is that bound on
-  its own (plain forward passes of the same 160,000 inputs, no explanation), and the gradient
-  methods, Score-CAM and occlusion inherit it. Training uses faster CPU forms of LeNet-5's layers
-  (`cpu_kernels.py`, tested equal to `lax`), which is why the epoch is ahead of PyTorch's.
+  and compiling plus one run (`explain.prepare` compiles once per input shape; later calls, with
+  any variables, reuse the program). Every peer runs on a PyTorch twin with the same weights and
+  the same images; the maps are compared in the test suite (float64), the table above gives the
+  float32 difference where it is measured here.
+- **The convolution.** Every method evaluates the model as written, with each convolution in the
+  form `lenet_jax/cpu_kernels.py` chooses by its shape on the CPU: a matmul form for few channels
+  (LeNet-5's layers) or a tiny input (ResNet-18's last stage at 2×2, where XLA's own convolution
+  is 65× slower than a matmul), XLA's convolution otherwise, with the flag `cpu_kernels.XLA_FLAG`
+  set by the scripts (recorded under "XLA flags" above). The table "Single convolutions" is the
+  bound this puts on every method: where the chosen form is XLA's own, the PyTorch column is what
+  oneDNN does with the same convolution. Training keeps its own forms of LeNet-5's layers.
 - **LRP's own cost** is "LRP time / saliency time": one forward pass plus one rule evaluation per
   layer, against one forward and one backward pass.
 - **Memory.** Each method splits a batch into equal chunks when its working set would exceed
@@ -53,10 +58,9 @@ NOTES = """\
 
 Before the graph engine (2026-12-02) LRP walked the package's own layer list with the CPU forms of
 `cpu_kernels.py`, and explained only the package's models: on the same AMD EPYC VM it ran 6.4× as
-fast as zennit on LeNet-5 (5.2× on the Intel Xeon VM), SmoothGrad took 19.4 s, Integrated
-Gradients 18.1 s, Score-CAM 3.0 s and occlusion 40 s for the 10,000 images. Explaining any model by
-its own computation traded those forms for `lax.conv`; the difference is the convolution (the
-forward-pass row above).
+fast as zennit on LeNet-5. The first graph engine ran every model's `lax.conv` as written, which
+made LRP 1.23× zennit, saliency 0.55× captum and Integrated Gradients 0.59× captum (2026-12-06,
+same VM); the CPU forms now apply to any model's convolutions.
 """
 
 
@@ -77,7 +81,8 @@ def render(results: dict) -> str:
         f"Measured by `{results['command']}` on {results['date']}: {results['machine']}; "
         f"JAX {results['jax']} on {results['device']}"
         + (f"; {versions}" if versions else "")
-        + ".",
+        + "."
+        + (f" XLA flags: `{results['xla_flags']}`." if results.get("xla_flags") else ""),
         "Every figure here comes from [performance.json](performance.json), which that command wrote",
         "with this page; run it to measure your own machine (`--help` lists the sections and their",
         f"defaults). Explanations are of the first {results['images']:,} MNIST test images in one",
@@ -94,13 +99,39 @@ def render(results: dict) -> str:
         "| what | first call (s) | median (s) | images/s |",
         "|---|---:|---:|---:|",
     ]
-    for row in results["rows"]:
+    for row in (r for r in results["rows"] if "conv" not in r):
         ips = f"{row['images_per_s']:,.0f}" if "images_per_s" in row else ""
         name = row["name"]
         if "history" in row:  # time to accuracy: the first epoch, then the total of all epochs
             name += "; first column: epoch 1, second: all epochs"
         lines.append(f"| {_cell(name)} | {row['first_s']:.2f} | {row['median_s']:.3f} | {ips} |")
+    lines += _conv_table([r for r in results["rows"] if "conv" in r])
     return "\n".join(lines) + "\n\n" + NOTES
+
+
+def _conv_table(rows: list[dict]) -> list[str]:
+    """Single convolutions: milliseconds per form, and each JAX form's time / PyTorch's."""
+    if not rows:
+        return []
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    lines = [
+        "",
+        "## Single convolutions",
+        "",
+        "Milliseconds (median); in brackets the time / PyTorch's.",
+        "",
+        "| convolution | " + " | ".join(forms) + " |",
+        "|---|" + "---:|" * len(forms),
+    ]
+    by = {(r["conv"], r["what"], r["form"]): r["median_s"] for r in rows}
+    for conv, what in dict.fromkeys((r["conv"], r["what"]) for r in rows):
+        torch = by.get((conv, what, "PyTorch"))
+        cells = []
+        for form in forms:
+            t = by[conv, what, form]
+            cells.append(f"{1000 * t:.1f}" + (f" ({t / torch:.2f})" if torch else ""))
+        lines.append(f"| {_cell(conv)}: {what} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def readme_table(results: dict) -> str:

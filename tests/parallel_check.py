@@ -66,10 +66,11 @@ def main():
     hlo = jitted.lower(*args).compile().as_text()
 
     x = jax.random.normal(jax.random.key(3), (20, 32, 32, 1))  # 20: not a multiple of 8
-    from lenet_jax.attribution import attribution_fn
+    from lenet_jax.attribution import explainer
 
-    lrp = jax.jit(attribution_fn("lrp", model, composite="epsilon_plus_flat"))
-    plain = lrp(single.params, x)
+    plain = explainer("lrp", model, x, composite="epsilon_plus_flat")(single.params, x)
+    padded = jax.ShapeDtypeStruct((24, *x.shape[1:]), x.dtype)  # as sharded over 8 devices
+    lrp = explainer("lrp", model, padded, composite="epsilon_plus_flat")
     split = parallel.sharded_call(lrp, mesh, single.params, x)
     lrp_shards = len(parallel.shard_batch(np.asarray(x), mesh)[0].sharding.device_set)
 

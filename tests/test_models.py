@@ -85,11 +85,9 @@ def _value_and_derivatives(fn, x, kernel, cotangent, tangents):
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel", [4, 5])
 @pytest.mark.parametrize("channels,width", CONV_CASES)
-def test_every_conv_form_matches_lax_in_float64(padding, kernel, channels, width):
+def test_every_training_conv_form_matches_lax_in_float64(padding, kernel, channels, width):
     def conv(x, k):
-        y = cpu_kernels.conv_general_dilated(
-            x, k, (1, 1), padding, dimension_numbers=cpu_kernels._NHWC
-        )
+        y = cpu_kernels.training_conv(x, k, (1, 1), padding, dimension_numbers=cpu_kernels._NHWC)
         return y + bias.reshape(1, 1, 1, 7)
 
     keys = jax.random.split(jax.random.key(0), 5)
@@ -153,11 +151,11 @@ def test_tanh_is_the_rational_in_float32_and_exact_otherwise():
     np.testing.assert_array_equal(cpu_kernels.tanh(x64), jnp.tanh(x64))
 
 
-def test_a_strided_conv_goes_to_lax():
+def test_a_strided_conv_trains_with_lax():
     x = jax.random.normal(jax.random.key(4), (2, 9, 9, 2), jnp.float64)
     k = jax.random.normal(jax.random.key(5), (3, 3, 2, 4), jnp.float64)
     args = ((2, 2), "VALID")
-    got = cpu_kernels.conv_general_dilated(x, k, *args, dimension_numbers=cpu_kernels._NHWC)
+    got = cpu_kernels.training_conv(x, k, *args, dimension_numbers=cpu_kernels._NHWC)
     want = jax.lax.conv_general_dilated(x, k, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_array_equal(got, want)
 

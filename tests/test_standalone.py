@@ -34,7 +34,7 @@ USER_SCRIPT = textwrap.dedent(
     logit = f(x)[jnp.arange(2), target]
     print(json.dumps({
         "package": sorted(m for m in sys.modules if m.startswith("lenet_jax.") and
-                          not m.startswith("lenet_jax.explain")),
+                          not m.startswith("lenet_jax.explain") and m != "lenet_jax.cpu_kernels"),
         "heavy": sorted(m for m in ("matplotlib", "PIL", "torch", "tqdm", "starlette")
                         if m in sys.modules),
         "relevance_sum": relevance.reshape(2, -1).sum(1).tolist(),

@@ -8,7 +8,14 @@ variables)`` for a Linen module, an ``nnx.Module`` in evaluation mode, or any JA
 over its parameters — and ``target`` is ``None`` (the predicted class), an int, or an int array
 ``[B]``. Pixel methods return ``x.shape``; CAMs return ``[B, H, W]``. All are pure functions of
 ``x``: ``jax.jit`` and ``jax.vmap`` compose with them, e.g.
-``jax.jit(lambda v, x: lrp(partial(model.apply, v), x))``.
+``jax.jit(lambda v, x: lrp(partial(model.apply, v), x))``. ``prepare(apply, x_spec, method, **options)``
+does that once: an ``Explainer`` called as ``explainer(variables, x, target=None)``, compiled for
+``x_spec``'s shape on its first call.
+
+On the CPU backend every method evaluates the model with its convolutions in the forms
+``lenet_jax.cpu_kernels`` chooses by shape (the same function, faster on XLA:CPU; switch:
+``cpu_kernels.forms(False)`` or ``LENET_JAX_CPU_FORMS=0``); layer names and rules see the model as
+written.
 
 Bad input: called eagerly, every method raises a one-line ``ValueError`` for an empty batch, an input
 holding NaN or inf, and a target outside ``[0, K)``. Under ``jax.jit`` values cannot be checked: the
@@ -41,6 +48,7 @@ from lenet_jax.explain.lrp import (
     node_rules,
     token_relevance,
 )
+from lenet_jax.explain.prepared import Explainer, prepare
 from lenet_jax.explain.rules import RULES
 
 # name -> method; every entry takes (f, x, target=None, **options).
@@ -93,6 +101,7 @@ __all__ = [
     "CAM_METHODS",
     "COMPOSITES",
     "Composite",
+    "Explainer",
     "METHODS",
     "RULES",
     "SIGNED",
@@ -112,6 +121,7 @@ __all__ = [
     "metrics",
     "node_rules",
     "occlusion",
+    "prepare",
     "saliency",
     "score_cam",
     "smoothgrad",

@@ -112,7 +112,7 @@ def grad_cam(
     Returns:
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
-    t = prepare(f, x, target)
+    _, t = prepare(f, x, target)  # the layer's values come from the graph evaluator (in CPU forms)
 
     def chunk(args):
         xc, tc = args
@@ -164,7 +164,7 @@ def score_cam(
       ``[B, H, W]`` (or ``[B, h, w]`` without ``upsample``).
     """
 
-    t = prepare(f, x, target)
+    fast, t = prepare(f, x, target)
     hw = x.shape[1:3]
 
     def one_image(args):
@@ -175,9 +175,9 @@ def score_cam(
         span = hi - lo
         masks = jnp.where(span > 0, (up - lo) / jnp.where(span > 0, span, 1.0), 0.0)
         masked = xi[None] * jnp.moveaxis(masks, -1, 0)[..., None]  # [K, H, W, C]
-        logits = f(masked)
+        logits = fast(masked)
         if baseline_subtract:
-            base = jax.nn.softmax(f(jnp.zeros_like(xi)[None]))[0, ti]
+            base = jax.nn.softmax(fast(jnp.zeros_like(xi)[None]))[0, ti]
             weights = jax.nn.softmax(logits)[:, ti] - base
         else:
             weights = jax.nn.softmax(logits[:, ti])

@@ -61,12 +61,16 @@ def resolve_target(target, logits_BK):
 
 
 def prepare(f: Callable, x, target):
-    """Checks ``x`` and returns its ``[B]`` targets (``None`` -> ``f``'s predicted classes)."""
+    """Checks ``x`` and ``f``; returns ``f`` as the methods run it (``graph.lowered``: in the CPU
+    forms of ``lenet_jax.cpu_kernels`` where they apply) and the ``[B]`` targets (``None`` ->
+    ``f``'s predicted classes)."""
+    from lenet_jax.explain.graph import lowered
+
     check_batch(x)
     with model_errors(f):
-        logits = f(x) if target is None else jax.eval_shape(f, x)
-    check_logits(logits, x)
-    return resolve_target(target, logits)
+        check_logits(jax.eval_shape(f, x), x)
+    fast = lowered(f)
+    return fast, resolve_target(target, fast(x) if target is None else jax.eval_shape(f, x))
 
 
 def check_logits(logits, x) -> None:

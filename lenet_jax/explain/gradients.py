@@ -26,10 +26,11 @@ def _grad_of_target(f, x, target_B):
     return jax.grad(lambda v: jnp.sum(score(v)))(x)
 
 
-def _chunked_grad(f, x, t, batch_size):
-    """``_grad_of_target`` in chunks within ``common.MEMORY_BUDGET`` (or of ``batch_size``)."""
+def _chunked_grad(f, fast, x, t, batch_size):
+    """``_grad_of_target`` of ``fast`` (``f`` as the methods run it) in chunks within
+    ``common.MEMORY_BUDGET`` (or of ``batch_size``)."""
     size = auto_batch_size(f, x, 1, batch_size)
-    return chunked_map(lambda a: _grad_of_target(f, a[0], a[1]), (x, t), size)
+    return chunked_map(lambda a: _grad_of_target(fast, a[0], a[1]), (x, t), size)
 
 
 @attribution_method
@@ -44,8 +45,8 @@ def saliency(f, x, target=None, *, absolute: bool = True, batch_size: int | None
     Returns:
       ``[B, H, W, C]``.
     """
-    t = prepare(f, x, target)
-    g = _chunked_grad(f, x, t, batch_size)
+    fast, t = prepare(f, x, target)
+    g = _chunked_grad(f, fast, x, t, batch_size)
     return jnp.abs(g) if absolute else g
 
 
@@ -53,8 +54,8 @@ def saliency(f, x, target=None, *, absolute: bool = True, batch_size: int | None
 def gradient_x_input(f, x, target=None, *, batch_size: int | None = None):
     """Gradient ⊙ input (Shrikumar et al., 2016), ``[B, H, W, C]``; ``batch_size`` as
     ``saliency``'s."""
-    t = prepare(f, x, target)
-    return x * _chunked_grad(f, x, t, batch_size)
+    fast, t = prepare(f, x, target)
+    return x * _chunked_grad(f, fast, x, t, batch_size)
 
 
 @attribution_method
@@ -93,13 +94,13 @@ def smoothgrad(
             f"unknown SmoothGrad variant {variant!r}; choose smoothgrad, squared or vargrad"
         )
     _check_noise(n_samples, noise_level)
-    t = prepare(f, x, target)
+    fast, t = prepare(f, x, target)
     keys = _image_keys(key, x.shape[0])
 
     def chunk(args):
         xc, tc, kc = args  # [b, H, W, C], [b], [b] keys
         noisy = _noisy_copies(xc, kc, n_samples, noise_level)  # [b, n, H, W, C]
-        grads = _flat_grad(f, noisy, tc)
+        grads = _flat_grad(fast, noisy, tc)
         uniform = np.full(n_samples, 1.0 / n_samples)
         if variant == "smoothgrad":
             return _weighted_sum(uniform, grads)
@@ -196,7 +197,7 @@ def integrated_gradients(
     Returns:
       ``[B, H, W, C]`` attributions, or ``(attributions, gap [B])`` with ``return_gap``.
     """
-    t = prepare(f, x, target)
+    fast, t = prepare(f, x, target)
     x0 = jnp.broadcast_to(jnp.asarray(0.0 if baseline is None else baseline, x.dtype), x.shape)
     alphas, weights = _quadrature(method, n_steps)
     alphas = jnp.asarray(alphas, x.dtype)
@@ -205,13 +206,13 @@ def integrated_gradients(
         xc, x0c, tc = args
         a = alphas.reshape((1, -1) + (1,) * (xc.ndim - 1))
         paths = x0c[:, None] + a * (xc - x0c)[:, None]
-        grads = _flat_grad(f, paths, tc)  # [b, n_steps, ...]
+        grads = _flat_grad(fast, paths, tc)  # [b, n_steps, ...]
         return (xc - x0c) * _weighted_sum(weights, grads)
 
     ig = chunked_map(chunk, (x, x0, t), auto_batch_size(f, x, n_steps, batch_size))
     if not return_gap:
         return ig
-    score = target_logit(f, t)
+    score = target_logit(fast, t)
     gap = score(x) - score(x0) - ig.reshape(ig.shape[0], -1).sum(1)
     return ig, gap
 
@@ -265,7 +266,7 @@ def occlusion(
     Returns:
       ``[B, H, W, C]`` (the same value in every channel of a pixel).
     """
-    t = prepare(f, x, target)
+    fast, t = prepare(f, x, target)
     if x.ndim != 4:
         raise ValueError(f"occlusion needs NHWC images [B, H, W, C], got shape {tuple(x.shape)}")
     h, w = x.shape[1:3]
@@ -286,7 +287,7 @@ def occlusion(
         occluded = xc[:, None] * (1 - masks[None]) + base * masks[None]
         both = jnp.concatenate([xc[:, None], occluded], axis=1)
         m = both.shape[1]
-        score = target_logit(f, jnp.repeat(tc, m))
+        score = target_logit(fast, jnp.repeat(tc, m))
         scores = score(both.reshape(-1, *xc.shape[1:])).reshape(-1, m)
         drops = scores[:, :1] - scores[:, 1:]  # [b, M]
         heat = jnp.tensordot(drops, masks[..., 0], axes=1) / coverage[None, ..., 0]  # [b, H, W]

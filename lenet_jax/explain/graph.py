@@ -31,6 +31,7 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
+from lenet_jax import cpu_kernels
 from lenet_jax.explain.primitives import CALLS, CUSTOM_DERIVATIVES
 
 # The prefix of the scope names opened for module calls while tracing (``_mark``).
@@ -319,8 +320,9 @@ def value(env: Mapping[int, Any], ref):
 
 
 def run_op(op: Op, args) -> list:
-    """Applies one op to its argument values; always a list of results."""
-    out = op.prim.bind(*args, **op.params)
+    """Applies one op to its argument values (a convolution in the form ``cpu_kernels.bind``
+    chooses); always a list of results."""
+    out = cpu_kernels.bind(op.prim, args, op.params)
     return list(out) if op.prim.multiple_results else [out]
 
 
@@ -346,6 +348,19 @@ def evaluate(graph: Graph, x, overrides: Mapping[int, Any] | None = None) -> dic
                 env.update(zip(call.outs, call.run([value(env, r) for r in call.ins]), strict=True))
         env.update((i, overrides[i]) for i in op.outs if i in overrides)
     return env
+
+
+def lowered(f: Callable) -> Callable:
+    """``f`` evaluated by this interpreter, so its convolutions take ``cpu_kernels``' CPU forms
+    (traced again for each input shape); ``f`` itself when the forms are off or not on a CPU."""
+    if not cpu_kernels.active():
+        return f
+
+    def run(x):
+        graph = trace(f, x)
+        return evaluate(graph, x)[graph.output]
+
+    return run
 
 
 def input_dependent(graph: Graph) -> set[int]:

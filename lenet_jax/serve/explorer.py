@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax import checkpoint, explain, models
-from lenet_jax.attribution import attribution_fn, with_dataset_options
+from lenet_jax.attribution import explainer, with_dataset_options
 from lenet_jax.data import DataError, get_dataset, load_dataset
 from lenet_jax.image_files import decode_image
 
@@ -111,7 +111,8 @@ class Explorer:
         return jax.nn.softmax(self._f(params)(x))[0]
 
     def _map_of(self, name: str):
-        fn = attribution_fn(name, self.model, self.dataset.name, **OPTIONS.get(name, {}))
+        spec = jax.ShapeDtypeStruct((1, *self.inputs.shape), jnp.float32)
+        fn = explainer(name, self.model, spec, self.dataset.name, **OPTIONS.get(name, {}))
 
         def heatmap(params, x, target):
             out = fn(params, x, target)[0]
