@@ -35,6 +35,7 @@ from lenet_jax.data import MEAN, STD, load_mnist, preprocess  # noqa: E402
 from lenet_jax.evaluation_report import EVAL_OPTIONS  # noqa: E402
 from lenet_jax.explain import layer_activations  # noqa: E402
 from lenet_jax.explain.common import chunked_map  # noqa: E402
+from lenet_jax.explain.graph import lowered  # noqa: E402
 from lenet_jax.io import writable_folder, write_report  # noqa: E402
 from lenet_jax.models import LeNet5, explained, init_params, model_input  # noqa: E402
 from lenet_jax.predict import predict  # noqa: E402
@@ -447,7 +448,9 @@ def bench_score_cam_forwards(model, params, x, repeats, chunk=256):
     channels = layer_activations(explained(model, params), x[:1])[0].shape[-1]
     masked = jnp.repeat(x, channels, axis=0)  # content does not change the time
     n = masked.shape[0]
-    fwd = jax.jit(lambda p, a: chunked_map(explained(model, p), a, chunk))
+    fwd = jax.jit(
+        lambda p, a: chunked_map(lowered(explained(model, p)), a, chunk)
+    )  # as methods run
     rows = [
         timed_row(
             f"JAX forward of Score-CAM's {n:,} masked inputs (chunks of {chunk})",
@@ -786,6 +789,8 @@ CONV_WORKLOADS = [
     ("3x3 64->64 at 32x32, batch 64", (64, 32, 32, 64), (3, 3, 64, 64), 1, 1),
     ("3x3 3->32 at 64x64, batch 64", (64, 64, 64, 3), (3, 3, 3, 32), 1, 1),
     ("3x3 512->512 at 2x2 (ResNet-18 at 64x64), batch 32", (32, 2, 2, 512), (3, 3, 512, 512), 1, 1),
+    ("the VGG's conv1, 1->32 3x3 at 28x28, batch 500", (500, 28, 28, 1), (3, 3, 1, 32), 1, 1),
+    ("the VGG's conv2, 32->64 3x3 at 14x14, batch 500", (500, 14, 14, 32), (3, 3, 32, 64), 1, 1),
 ]
 
 
@@ -796,7 +801,37 @@ def bench_convs(repeats, peers):
     rows = []
     for workload in CONV_WORKLOADS:
         rows += _conv_rows(workload, repeats, peers)
-    return rows
+    return rows + _max_pool_rows(repeats, peers)
+
+
+def _max_pool_rows(repeats, peers, shape=(500, 28, 28, 32)):
+    """The VGG's first 2x2 max-pooling: forward, and forward + input gradient (XLA's
+    select-and-scatter), against PyTorch's."""
+    name = f"2x2 max-pooling of {shape[0]}x{shape[1]}x{shape[2]}x{shape[3]} (the VGG's first)"
+    y = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+    pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+    fwd, grad = jax.jit(pool), jax.jit(jax.grad(lambda a: jnp.sum(pool(a) ** 2)))
+    runs = {("JAX lax", "forward"): lambda: fwd(y),
+            ("JAX lax", "forward + input gradient"): lambda: grad(y)}  # fmt: skip
+    if peers:
+        import torch
+
+        yt = torch.tensor(np.asarray(y).transpose(0, 3, 1, 2).copy())
+
+        def forward():
+            with torch.inference_mode():
+                torch.nn.functional.max_pool2d(yt, 2)
+
+        def backward():
+            (
+                torch.nn.functional.max_pool2d(yt.clone().requires_grad_(True), 2) ** 2
+            ).sum().backward()
+
+        runs["PyTorch", "forward"], runs["PyTorch", "forward + input gradient"] = forward, backward
+    return [
+        timed_row(f"{name}: {what}, {form}", fn, repeats, conv=name, what=what, form=form)
+        for (form, what), fn in runs.items()
+    ]
 
 
 def _conv_rows(workload, repeats, peers):

@@ -128,7 +128,10 @@ def _conv_table(rows: list[dict]) -> list[str]:
         torch = by.get((conv, what, "PyTorch"))
         cells = []
         for form in forms:
-            t = by[conv, what, form]
+            t = by.get((conv, what, form))
+            if t is None:  # pooling has no chosen form: it is XLA's
+                cells.append("")
+                continue
             cells.append(f"{1000 * t:.1f}" + (f" ({t / torch:.2f})" if torch else ""))
         lines.append(f"| {_cell(conv)}: {what} | " + " | ".join(cells) + " |")
     return lines
