@@ -44,14 +44,17 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         explorer = Explorer(run, data_dir=args.data_dir, data_source=args.data_source)
         startup = time.perf_counter() - t0
-    client = TestClient(create_app(explorer))
+    client = TestClient(create_app(explorer), base_url="http://127.0.0.1")  # a host it answers
     rows = []
     for label, methods in SETS.items():
         times, inner = [], []
         for i in range(args.requests + 1):
             image = (explorer.test_images[i] / 255.0).tolist()
             t0 = time.perf_counter()
-            answer = client.post("/api/explain", json={"image": image, "methods": methods}).json()
+            response = client.post("/api/explain", json={"image": image, "methods": methods})
+            if response.status_code != 200:
+                p.error(f"the explorer answered {response.status_code}: {response.text[:200]}")
+            answer = response.json()
             if i:  # the first request of a set warms the caches of the JSON path
                 times.append(1000 * (time.perf_counter() - t0))
                 inner.append(answer["ms"])

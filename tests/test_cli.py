@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import require
 
-from lenet_jax import explain
+from lenet_jax import cpu_kernels, explain
 from lenet_jax.attribution import with_dataset_options
 from lenet_jax.checkpoint import load_params
 from lenet_jax.data import load_mnist
@@ -359,6 +360,33 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
     }
     r = run_script("benchmark.py", "--only", "gpu")
     assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        r = run_script("benchmark.py", "--device", "gpu", "--out", tmp_path / "g")
+        assert r.returncode == 1 and "--device gpu: JAX finds no GPU (its backend is cpu" in r.stderr
+        assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.slow
+def test_benchmark_times_resnet18_lrp_against_its_saliency(tmp_path, mnist):
+    args = ("--only", "resnet", "--resnet-images", 2, "--resnet-size", 32, "--repeats", 1)
+    r = run_script("benchmark.py", *args, "--no-peers", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "r.json").read_text())
+    lrp, saliency = out["rows"]
+    assert lrp["name"] == "JAX lrp, ResNet-18 (Linen), 2 images of 32x32"
+    assert out["ratios"]["LRP time / saliency time, ResNet-18"] == (
+        lrp["median_s"] / saliency["median_s"]
+    )
+    assert cpu_kernels.XLA_FLAG in out["xla_flags"]  # the script set it before JAX started
+
+
+def test_the_explorer_benchmark_answers_every_request(tiny_run, tmp_path):
+    r = run_script("benchmark_explorer.py", "--run", tiny_run, "--requests", 2, "--out",
+                   tmp_path / "e")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [row["methods"] for row in rows][0] == "prediction + LRP + saliency + Grad-CAM"
+    assert all(0 < row["compute_median_ms"] <= row["median_ms"] for row in rows)
 
 
 @pytest.mark.slow
