@@ -362,7 +362,9 @@ def test_benchmark_writes_its_table(tmp_path, mnist):
     assert r.returncode == 2 and "unknown section or method 'gpu'" in r.stderr
     if not any(d.platform == "gpu" for d in jax.devices()):
         r = run_script("benchmark.py", "--device", "gpu", "--out", tmp_path / "g")
-        assert r.returncode == 1 and "--device gpu: JAX finds no GPU (its backend is cpu" in r.stderr
+        assert (
+            r.returncode == 1 and "--device gpu: JAX finds no GPU (its backend is cpu" in r.stderr
+        )
         assert not (tmp_path / "g.json").exists()
 
 
