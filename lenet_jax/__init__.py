@@ -2,13 +2,16 @@
 
 The package, by layer (each one uses only the ones above it):
 
+* compute — ``cpu_kernels`` (each convolution in its fastest XLA:CPU form by shape, used by every
+  explanation method; the XLA flag for wide convolutions; the forms LeNet-5 trains with).
 * attribution and its evaluation — ``explain`` (LRP with zennit's and LXT's rules for any model,
   gradient methods, CAMs, occlusion: pure functions ``method(f, x, target=None, **options)``; and
   ``explain.metrics``: pixel flipping, faithfulness correlation, the randomization sanity check,
-  sparseness, conservation). It stands alone: it imports nothing else of the package.
+  sparseness, conservation); ``explain.prepare`` compiles a method once for a model. It stands
+  alone: it imports nothing else of the package but ``cpu_kernels``.
 * data and models — ``data`` (datasets, verified sources, preprocessing), ``image_files`` (your own
   pictures as dataset images), ``models`` (LeNet-5, a small ReLU CNN, MiniVGG, a ViT as Flax Linen
-  modules), ``cpu_kernels`` (faster XLA:CPU forms of LeNet's layers, for training only).
+  modules).
 * learning — ``train`` (train state, the jitted step, epochs, prediction), ``recipes`` (each model's
   training settings), ``parallel`` (data parallelism over devices), ``checkpoint``, ``experiment``
   (a whole run).

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import itertools
 import os
@@ -108,7 +109,7 @@ def configure_xla() -> bool:
 def bind(prim, args, params):
     """``prim.bind(*args, **params)``, with a convolution in the form ``conv_general_dilated``
     chooses when ``active()``."""
-    if prim is lax.conv_general_dilated_p and active():
+    if prim is lax.conv_general_dilated_p and params.get("out_sharding") is None and active():
         params = {k: v for k, v in params.items() if k != "out_sharding"}
         return conv_general_dilated(*args, **params)
     return prim.bind(*args, **params)
@@ -186,7 +187,7 @@ def _split_forms(value, derivative):
     """``value(x, k)`` whose derivatives are computed through ``derivative`` (a bilinear function
     equal to ``value``); a kernel or input tangent that is zero costs nothing."""
 
-    @functools.partial(jax.custom_jvp)
+    @jax.custom_jvp
     def fn(x, k):
         return value(x, k)
 
@@ -205,13 +206,17 @@ def _split_forms(value, derivative):
     return fn
 
 
+@dataclasses.dataclass(frozen=True)
 class _Conv:
     """One convolution's configuration, computed in a matmul form by ``__call__``."""
 
-    def __init__(self, strides, padding, lhs_dilation, rhs_dilation, dn, groups, precision):
-        self.strides, self.padding = strides, padding
-        self.lhs_dilation, self.rhs_dilation = lhs_dilation, rhs_dilation
-        self.dn, self.groups, self.precision = dn, groups, precision
+    strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    lhs_dilation: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    dn: lax.ConvDimensionNumbers
+    groups: int
+    precision: object
 
     def __call__(self, lhs, rhs):
         dn = self.dn

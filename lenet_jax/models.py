@@ -3,9 +3,9 @@
 A model is only a model: the dataset it reads belongs to the run (its checkpoint records it), and
 ``ModelInput`` — a dataset at the model's input size — turns that dataset's images into the
 model's input. ``dataset_options`` gives what the explainers need of a dataset (the zᴮ bounds and
-the black baseline). ``cpu_kernels`` swaps in the faster CPU forms of ``lenet_jax.cpu_kernels`` for
-training; the parameters are the same either way, and the explanation methods always use the
-reference form.
+the black baseline). ``cpu_kernels`` swaps in the CPU forms LeNet-5 trains with (``lenet_jax.cpu_kernels``); the
+parameters are the same either way, and the explanation methods trace the reference form (then
+run its convolutions in the forms ``cpu_kernels`` chooses).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Explanations of model decisions — LRP, gradient methods, occlusion, class activation maps — and
 their evaluation (``lenet_jax.explain.metrics``), for any JAX model. Depends on JAX and Flax only:
-nothing else of the package is imported.
+nothing else of the package is imported but ``lenet_jax.cpu_kernels`` (which imports only JAX).
 
 Every method has the signature ``method(f, x, target=None, **options)``: ``f`` is the model, a function
 from a batch ``x`` (NHWC float for images) to logits ``[B, K]`` — ``functools.partial(module.apply,
