@@ -52,7 +52,7 @@ def resolve_target(target, logits_BK):
         t = jnp.full((b,), t)
     if t.shape != (b,):
         raise ValueError(f"target must be a scalar or have shape [{b}], got {tuple(t.shape)}")
-    if not isinstance(t, jax.core.Tracer):
+    if not isinstance(t, jax.core.Tracer) and getattr(t, "is_fully_addressable", True):
         values = np.asarray(t)
         if values.min() < 0 or values.max() >= k:
             bad = values[(values < 0) | (values >= k)][0]
@@ -68,9 +68,10 @@ def prepare(f: Callable, x, target):
 
     check_batch(x)
     with model_errors(f):
-        check_logits(jax.eval_shape(f, x), x)
+        logits = jax.eval_shape(f, x)
+    check_logits(logits, x)
     fast = lowered(f)
-    return fast, resolve_target(target, fast(x) if target is None else jax.eval_shape(f, x))
+    return fast, resolve_target(target, fast(x) if target is None else logits)
 
 
 def check_logits(logits, x) -> None:

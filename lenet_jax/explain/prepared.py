@@ -15,9 +15,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lenet_jax.explain.common import check_batch
+from lenet_jax.explain.common import check_batch, resolve_target
 
 
 def _model_function(f) -> Callable:
@@ -88,19 +87,9 @@ class Explainer:
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a)[:n], *parts)
 
     def _targets(self, variables, target, n):
-        t = jnp.asarray(target)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"target must be None, an int or an int array, got dtype {t.dtype}")
-        t = jnp.broadcast_to(t, (n,)) if t.ndim == 0 else t
-        if t.shape != (n,):
-            raise ValueError(f"target must be a scalar or have shape [{n}], got {tuple(t.shape)}")
-        if _local(t) and not isinstance(t, jax.core.Tracer):
-            k = jax.eval_shape(self.apply, variables, self.x_spec).shape[-1]
-            values = np.asarray(t)
-            if values.min() < 0 or values.max() >= k:
-                bad = values[(values < 0) | (values >= k)][0]
-                raise ValueError(f"target {bad} out of range: the model has classes 0..{k - 1}")
-        return t.astype(jnp.int32)
+        """``target`` as int32 ``[n]``, checked as every method checks it (``resolve_target``)."""
+        k = jax.eval_shape(self.apply, variables, self.x_spec).shape[-1]
+        return resolve_target(target, jax.ShapeDtypeStruct((n, k), self.x_spec.dtype))
 
 
 def _local(a) -> bool:
